@@ -1,0 +1,132 @@
+"""Routing policies: pure, synchronous state machines. ``decide() -> Plan``, ``update(result)``.
+
+No I/O here. The dispatcher builds a ``RouteRequest`` and the ``WorkerView``s (reported load
+merged with what this router dispatched and has not seen finish), asks the policy for a
+``Plan``, dispatches, and tells the policy what happened through ``update``.
+Load is counted at dispatch time, not when requests finish.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+class NoWorkers(Exception):
+    """No live worker can take this request."""
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    request_id: str
+    tenant: str
+    num_tokens: int
+    # chained block hashes of the prompt's full blocks (None when the policy needs none)
+    block_hashes: Sequence[int] | None = None
+    # the decode worker that produced this conversation's previous step, when known
+    previous_decode: str = ""
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    worker_id: str
+    role: str = "prefill"
+    # reported by the worker (heartbeat)
+    queued_tokens: int = 0
+    active: int = 0
+    max_slots: int = 1
+    # counted by routers at dispatch time, not yet seen finished
+    inflight: int = 0
+    inflight_tokens: int = 0
+    # leading blocks of this request the worker holds (filled in by the prefix index)
+    cached_blocks: int = 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    worker_id: str
+    # other workers to try, in order, if the first rejects the task
+    fallbacks: tuple[str, ...] = ()
+    cached_blocks: int = 0
+    cost: float = 0.0
+    reason: str = ""
+    # "prefill": send to a prefill worker; "local": the decode worker prefills locally
+    mode: Literal["prefill", "local"] = "prefill"
+
+
+@dataclass(frozen=True)
+class RouteResult:
+    request_id: str
+    worker_id: str
+    outcome: Literal["dispatched", "rejected", "finished", "failed"]
+    num_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class Policy(ABC):
+    name: str = ""
+
+    @abstractmethod
+    def decide(self, request: RouteRequest, workers: Sequence[WorkerView]) -> Plan:
+        """Pick a worker; raise NoWorkers when ``workers`` is empty."""
+
+    def update(self, result: RouteResult) -> None:  # noqa: B027 - optional hook
+        """Learn from what happened to a plan. Stateless policies ignore it."""
+
+
+def order_by_cost(
+    workers: Sequence[WorkerView], costs: Sequence[float], rng: random.Random
+) -> list[WorkerView]:
+    """Workers from cheapest to dearest, ties in random order."""
+    keyed = [(c, rng.random(), i) for i, c in enumerate(costs)]
+    keyed.sort()
+    return [workers[i] for _, _, i in keyed]
+
+
+@dataclass
+class LeastLoaded(Policy):
+    """Fewest queued prompt tokens (reported plus dispatched-in-flight), then fewest active."""
+
+    seed: int | None = None
+    name: str = "least_loaded"
+    _rng: random.Random = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+
+    def decide(self, request: RouteRequest, workers: Sequence[WorkerView]) -> Plan:
+        if not workers:
+            raise NoWorkers("no live prefill worker")
+        costs = [
+            float(w.queued_tokens + w.inflight_tokens) + 1e-3 * (w.active + w.inflight) for w in workers
+        ]
+        ranked = order_by_cost(workers, costs, self._rng)
+        best = ranked[0]
+        return Plan(
+            worker_id=best.worker_id,
+            fallbacks=tuple(w.worker_id for w in ranked[1:]),
+            cost=costs[workers.index(best)],
+            reason="least_loaded",
+        )
+
+
+@dataclass
+class RoundRobin(Policy):
+    name: str = "round_robin"
+    _next: int = field(default=0, init=False)
+
+    def decide(self, request: RouteRequest, workers: Sequence[WorkerView]) -> Plan:
+        if not workers:
+            raise NoWorkers("no live prefill worker")
+        ordered = sorted(workers, key=lambda w: w.worker_id)
+        i = self._next % len(ordered)
+        self._next += 1
+        ranked = ordered[i:] + ordered[:i]
+        return Plan(
+            worker_id=ranked[0].worker_id,
+            fallbacks=tuple(w.worker_id for w in ranked[1:]),
+            reason="round_robin",
+        )

@@ -1,0 +1,97 @@
+"""The envelope every bus message travels in: msgpack ``{"t": type, "v": version, "b": body}``.
+
+``encode`` turns a ``Message`` into bytes; ``decode`` turns bytes back into the expected
+message type, or raises a ``SchemaError`` subclass saying exactly what was wrong. Nothing
+here ever unpickles or evaluates anything: msgpack maps, arrays and scalars only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, TypeVar
+
+import msgpack
+
+from kvrelay.schemas.errors import (
+    DecodeError,
+    OversizeError,
+    UnknownTypeError,
+    ValidationError,
+    VersionError,
+)
+from kvrelay.schemas.struct import Struct, typed
+
+M = TypeVar("M", bound="Message")
+
+DEFAULT_MAX_BYTES = 1 << 20
+_REGISTRY: dict[str, type[Message]] = {}
+
+
+class Message(Struct):
+    """A versioned bus message. Subclasses set TYPE, VERSION and optionally MAX_BYTES."""
+
+    TYPE: ClassVar[str] = ""
+    VERSION: ClassVar[int] = 1
+    MAX_BYTES: ClassVar[int] = DEFAULT_MAX_BYTES
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.TYPE:
+            prior = _REGISTRY.get(cls.TYPE)
+            if prior is not None and prior.__qualname__ != cls.__qualname__:
+                raise TypeError(f"message type {cls.TYPE!r} registered by {prior.__qualname__} already")
+            _REGISTRY[cls.TYPE] = cls
+
+
+def encode(msg: Message) -> bytes:
+    data = msgpack.packb(
+        {"t": msg.TYPE, "v": msg.VERSION, "b": msg.to_mapping()}, use_bin_type=True
+    )
+    if len(data) > msg.MAX_BYTES:
+        raise OversizeError(len(data), msg.MAX_BYTES, msg.TYPE)
+    return data
+
+
+def _unpack(data: bytes, limit: int) -> dict:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise DecodeError(f"expected bytes, got {type(data).__name__}")
+    if len(data) > limit:
+        raise OversizeError(len(data), limit)
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise DecodeError(f"not a msgpack message: {exc}") from exc
+    if not isinstance(obj, dict) or "t" not in obj or "v" not in obj or "b" not in obj:
+        raise DecodeError("not a kvrelay envelope: expected a map with keys t, v, b")
+    return obj
+
+
+def decode_any(data: bytes, limit: int = DEFAULT_MAX_BYTES) -> Message:
+    """Decode an envelope of any registered type."""
+    env = _unpack(data, max(limit, DEFAULT_MAX_BYTES))
+    cls = _REGISTRY.get(env["t"]) if isinstance(env["t"], str) else None
+    if cls is None:
+        raise UnknownTypeError(f"unknown message type {env['t']!r}")
+    return _body(cls, env, len(data))
+
+
+def decode(data: bytes, expected: type[M]) -> M:
+    """Decode an envelope that must hold ``expected``."""
+    env = _unpack(data, expected.MAX_BYTES)
+    if env["t"] != expected.TYPE:
+        raise UnknownTypeError(f"expected a {expected.TYPE} message, got {env['t']!r}")
+    return _body(expected, env, len(data))
+
+
+def _body(cls: type[M], env: dict, size: int) -> M:
+    if size > cls.MAX_BYTES:
+        raise OversizeError(size, cls.MAX_BYTES, cls.TYPE)
+    if type(env["v"]) is not int or env["v"] != cls.VERSION:
+        raise VersionError(cls.TYPE, env["v"], cls.VERSION)
+    if not isinstance(env["b"], dict):
+        raise ValidationError(cls.TYPE, "body must be a map")
+    return cls.from_mapping(env["b"], path=cls.TYPE)
+
+
+def message(cls: type[M]) -> type[M]:
+    """Class decorator: a frozen dataclass registered as a message type."""
+    return typed(cls)  # type: ignore[return-value]

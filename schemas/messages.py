@@ -1,0 +1,243 @@
+"""Every message on the bus. Field limits here are the validation applied on receipt.
+
+Times on the wire are unix epoch milliseconds (``*_ms``) so any language can read them.
+Token ids are plain ints. See README "Bus protocol" for subjects and flows.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from kvrelay.schemas.codec import Message, message
+from kvrelay.schemas.errors import ValidationError
+from kvrelay.schemas.struct import Struct, limit
+
+MAX_PROMPT_TOKENS = 131072
+MAX_STOP = 8
+MAX_ID_LEN = 128
+MAX_SUBJECT_LEN = 256
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+@message
+class SamplingSpec(Struct):
+    max_tokens: int = limit(16, min=1, max=65536)
+    temperature: float = limit(1.0, min=0.0, max=100.0)
+    top_p: float = limit(1.0, min=0.0, max=1.0)
+    top_k: int = limit(0, min=0, max=1 << 20)  # 0 = off
+    seed: int | None = limit(None, min=0, max=(1 << 63) - 1)
+    stop: list[str] = limit([], max_len=MAX_STOP)
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        if self.top_p <= 0.0:
+            raise ValidationError("top_p", "must be > 0")
+        for s in self.stop:
+            if not s or len(s) > 256:
+                raise ValidationError("stop", "each stop string must be 1..256 characters")
+
+
+@message
+class ChatMessage(Struct):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str = limit(max_len=1 << 20)
+
+
+@message
+class ClientRequest(Message):
+    """A request from a NATS pub/sub client, published on ``kvrelay.<ns>.req.<tenant>``.
+
+    Exactly one of ``messages`` (chat), ``prompt`` (text completion) or ``prompt_token_ids``
+    is set. Tokens stream to ``stream_subject`` as ``TokenChunk`` messages.
+    """
+
+    TYPE = "ClientRequest"
+    MAX_BYTES = 4 << 20
+
+    request_id: str = limit(max_len=MAX_ID_LEN)
+    stream_subject: str = limit(max_len=MAX_SUBJECT_LEN)
+    model: str = limit("", max_len=256)
+    messages: list[ChatMessage] | None = limit(None, max_len=4096)
+    prompt: str | None = limit(None, max_len=4 << 20)
+    prompt_token_ids: list[int] | None = limit(None, max_len=MAX_PROMPT_TOKENS)
+    sampling: SamplingSpec = SamplingSpec()
+    timeout_s: float = limit(120.0, min=0.1, max=3600.0)
+
+    def validate(self) -> None:
+        given = [x is not None for x in (self.messages, self.prompt, self.prompt_token_ids)]
+        if sum(given) != 1:
+            raise ValidationError("ClientRequest", "set exactly one of messages, prompt, prompt_token_ids")
+        if self.messages is not None and not self.messages:
+            raise ValidationError("ClientRequest.messages", "must not be empty")
+        if self.prompt_token_ids is not None and not self.prompt_token_ids:
+            raise ValidationError("ClientRequest.prompt_token_ids", "must not be empty")
+
+
+@message
+class PrefillTask(Message):
+    """Router -> one prefill worker (``kvrelay.<ns>.prefill.<worker>``, request/reply)."""
+
+    TYPE = "PrefillTask"
+    MAX_BYTES = 4 << 20
+
+    request_id: str = limit(max_len=MAX_ID_LEN)
+    tenant: str = limit(max_len=64)
+    prompt_token_ids: list[int] = limit(max_len=MAX_PROMPT_TOKENS)
+    sampling: SamplingSpec
+    stream_subject: str = limit(max_len=MAX_SUBJECT_LEN)
+    deadline_ms: int = limit(min=0)
+    router_id: str = limit("", max_len=MAX_ID_LEN)
+    arrival_ms: int = limit(0, min=0)
+    # the decode worker that should take this request (multi-step affinity); "" = any
+    decode_hint: str = limit("", max_len=MAX_ID_LEN)
+
+    def validate(self) -> None:
+        if not self.prompt_token_ids:
+            raise ValidationError("PrefillTask.prompt_token_ids", "must not be empty")
+
+
+@message
+class DispatchReply(Message):
+    """Prefill worker -> router: the task was queued, or why not."""
+
+    TYPE = "DispatchReply"
+
+    accepted: bool
+    reason: str = limit("", max_len=512)
+    code: str = limit("", max_len=64)  # "", "overloaded", "invalid", "draining"
+    queued_tokens: int = limit(0, min=0)
+
+
+@message
+class KVLayout(Struct):
+    """How one block of KV is laid out: must match on both ends of a transfer."""
+
+    num_layers: int = limit(min=1, max=1024)
+    num_kv_heads: int = limit(min=1, max=1024)
+    head_dim: int = limit(min=1, max=4096)
+    block_size: int = limit(min=1, max=4096)
+    dtype: str = limit(max_len=32)  # torch dtype name, e.g. "bfloat16"
+    # elements per (block, layer): num_kv_heads * block_size * 2 * head_dim for vLLM's CPU layout
+    page_elems: int = limit(min=1)
+    layout: str = limit("cpu_nhbc", max_len=32)
+
+
+@message
+class KVDescriptor(Struct):
+    """Where a finished prefill's KV lies and how to fetch it (no KV bytes ride on NATS)."""
+
+    backend: Literal["shm", "tcp", "cuda-ipc", "nixl"]
+    worker_id: str = limit(max_len=MAX_ID_LEN)
+    host: str = limit(max_len=256)  # host identity: shm/cuda-ipc only within one host
+    region: str = limit(max_len=256)  # shm segment name / cuda ipc handle id
+    block_ids: list[int] = limit(max_len=1 << 16)  # blocks in the exporter's region
+    num_tokens: int = limit(min=1)
+    ticket: int = limit(min=1)  # names this export; reused blocks carry another ticket
+    lease_expires_ms: int = limit(min=0)
+    layout: KVLayout
+    endpoint: str = limit("", max_len=256)  # tcp host:port of the worker's block server
+    checksum: int | None = None  # crc32 of the exported bytes, when integrity checks are on
+    fallbacks: list[str] = limit([], max_len=8)  # other backends the exporter serves
+
+
+@message
+class PrefillDone(Message):
+    """Prefill worker -> JetStream work queue ``kvrelay.<ns>.prefilled``; pulled by decode workers."""
+
+    TYPE = "PrefillDone"
+    MAX_BYTES = 4 << 20
+
+    request_id: str = limit(max_len=MAX_ID_LEN)
+    tenant: str = limit(max_len=64)
+    prompt_token_ids: list[int] = limit(max_len=MAX_PROMPT_TOKENS)
+    first_token_id: int = limit(min=0)
+    sampling: SamplingSpec
+    stream_subject: str = limit(max_len=MAX_SUBJECT_LEN)
+    deadline_ms: int = limit(min=0)
+    prefill_worker: str = limit(max_len=MAX_ID_LEN)
+    kv: KVDescriptor
+    prefill_ms: float = limit(0.0, min=0.0)
+    cached_tokens: int = limit(0, min=0)
+    decode_hint: str = limit("", max_len=MAX_ID_LEN)
+
+
+@message
+class Usage(Struct):
+    prompt_tokens: int = limit(0, min=0)
+    completion_tokens: int = limit(0, min=0)
+    cached_tokens: int = limit(0, min=0)
+
+
+@message
+class ErrorInfo(Struct):
+    code: str = limit(max_len=64)  # overloaded, invalid, timeout, cancelled, engine, transfer, internal
+    message: str = limit(max_len=4096)
+    status: int = limit(500, min=400, max=599)  # the HTTP status it maps to
+
+
+@message
+class TokenChunk(Message):
+    """Worker -> ``stream_subject``: part of one request's output, in order by ``seq``.
+
+    ``seq`` starts at 0 (the prefill worker's first token) and grows by one per chunk.
+    The last chunk has ``finish_reason`` set, and ``usage``; an error ends the stream
+    with ``finish_reason="error"`` and ``error`` set.
+    """
+
+    TYPE = "TokenChunk"
+
+    request_id: str = limit(max_len=MAX_ID_LEN)
+    seq: int = limit(min=0)
+    token_ids: list[int] = limit([], max_len=65536)
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    error: ErrorInfo | None = None
+    worker: str = limit("", max_len=MAX_ID_LEN)
+    sent_ms: int = limit(0, min=0)
+
+
+@message
+class LeaseRelease(Message):
+    """Decode worker -> ``kvrelay.<ns>.kv.release.<prefill worker>``: the blocks may be freed."""
+
+    TYPE = "LeaseRelease"
+
+    request_id: str = limit(max_len=MAX_ID_LEN)
+    ticket: int = limit(min=1)
+    reason: str = limit("done", max_len=64)
+
+
+@message
+class Cancel(Message):
+    """Anyone -> ``kvrelay.<ns>.cancel.<request>``: stop this request wherever it is."""
+
+    TYPE = "Cancel"
+
+    request_id: str = limit(max_len=MAX_ID_LEN)
+    reason: str = limit("cancelled", max_len=256)
+
+
+@message
+class WorkerInfo(Message):
+    """A worker's record in the discovery KV bucket, re-put every heartbeat (TTL = liveness)."""
+
+    TYPE = "WorkerInfo"
+
+    worker_id: str = limit(max_len=MAX_ID_LEN)
+    role: Literal["prefill", "decode", "both"]
+    model: str = limit(max_len=256)
+    host: str = limit(max_len=256)
+    pid: int = limit(0, min=0)
+    started_ms: int = limit(0, min=0)
+    heartbeat_ms: int = limit(0, min=0)
+    block_size: int = limit(min=1)
+    hash_seed: str = limit("", max_len=64)
+    backends: list[str] = limit([], max_len=8)
+    max_slots: int = limit(1, min=0)
+    active: int = limit(0, min=0)
+    queued: int = limit(0, min=0)
+    queued_tokens: int = limit(0, min=0)
+    free_kv_blocks: int = limit(0, min=0)
+    draining: bool = False

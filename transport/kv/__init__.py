@@ -1,0 +1,1 @@
+"""kvrelay.transport.kv."""

@@ -1,0 +1,68 @@
+"""Worker configuration: the engine, the prefill side and the decode side."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from kvrelay.schemas.errors import ValidationError
+from kvrelay.schemas.struct import Struct, limit, typed
+
+
+@typed
+class EngineConfig(Struct):
+    """What model runs and how. ``model`` is a folder (``kvrelay model prepare`` makes them)."""
+
+    kind: Literal["vllm", "sim"] = "vllm"
+    model: str = limit("", max_len=4096)
+    served_model_name: str = limit("", max_len=256)
+    # vLLM's CPU attention needs a multiple of 32
+    block_size: int = limit(32, min=1, max=1024)
+    max_model_len: int = limit(4096, min=16, max=1 << 20)
+    max_num_seqs: int = limit(16, min=1, max=4096)
+    kv_cache_gb: float = limit(1.0, min=0.05, max=4096.0)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    enforce_eager: bool = True
+    seed: int = limit(0, min=0)
+    enable_prefix_caching: bool = True
+    # salt of the block hashes (a mismatch between workers and router is reported, never silent)
+    hash_seed: str = limit("kvrelay-v1", max_len=64)
+    startup_timeout_s: float = limit(600.0, min=1.0)
+
+
+@typed
+class PrefillConfig(Struct):
+    worker_id: str = limit("", max_len=64)  # "" = generated from host and pid
+    # tasks accepted but not started; past either bound the worker rejects (router tries another)
+    max_queued: int = limit(64, min=1)
+    max_queued_tokens: int = limit(262_144, min=1)
+    # requests in the engine at once
+    max_running: int = limit(8, min=1)
+    # the export region holding finished prefills' KV until a decode worker fetches it
+    export_mb: int = limit(512, min=1)
+    lease_s: float = limit(30.0, min=0.5, max=3600.0)
+    export_timeout_s: float = limit(30.0, min=0.1)
+    backends: list[str] = limit(["shm", "tcp"], max_len=4)
+    tcp_host: str = limit("127.0.0.1", max_len=256)
+    tcp_port: int = limit(0, min=0, max=65535)
+    checksum: bool = False
+
+    def validate(self) -> None:
+        for b in self.backends:
+            if b not in ("shm", "tcp", "cuda-ipc", "nixl"):
+                raise ValidationError("prefill.backends", f"unknown backend {b!r}")
+
+
+@typed
+class DecodeConfig(Struct):
+    worker_id: str = limit("", max_len=64)
+    # requests decoding at once; the worker pulls from the work queue only while below it
+    max_slots: int = limit(8, min=1, max=4096)
+    fetch_batch: int = limit(4, min=1, max=256)
+    fetch_timeout_s: float = limit(1.0, min=0.05, max=30.0)
+    # how long a pulled PrefillDone may stay un-acked before JetStream redelivers it
+    ack_wait_s: float = limit(60.0, min=1.0, max=3600.0)
+    max_deliver: int = limit(3, min=1, max=100)
+    transfer_timeout_s: float = limit(30.0, min=0.1, max=600.0)
+    backends: list[str] = limit(["shm", "tcp"], max_len=4)
+    # debug: zero the KV after loading it (proves the KV is really transferred)
+    debug_zero_kv: bool = False

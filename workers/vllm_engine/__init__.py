@@ -1,0 +1,1 @@
+"""kvrelay.workers.vllm_engine."""
