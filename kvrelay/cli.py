@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -116,6 +117,10 @@ def _component(args: argparse.Namespace) -> None:
 
     cfg = config_from_args(args)
     setup(args.command, envs.log_level(), envs.log_format())
+    if args.command != "router" and cfg.engine.cpu_bind:
+        # read by vLLM's CPU worker in the engine process this one spawns
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cfg.engine.cpu_bind
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     if args.command == "router":
         from kvrelay.router.app import serve
     elif args.command == "prefill":

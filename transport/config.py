@@ -6,6 +6,7 @@ from typing import Literal
 
 from kvrelay.schemas.errors import ValidationError
 from kvrelay.schemas.struct import Struct, limit, typed
+from kvrelay.transport.subjects import check_token
 
 
 @typed
@@ -40,6 +41,10 @@ class BusConfig(Struct):
     )
 
     def validate(self) -> None:
+        try:
+            check_token(self.namespace, "namespace")
+        except ValueError as exc:
+            raise ValidationError("bus.namespace", str(exc)) from exc
         if not self.url.startswith(("nats://", "tls://", "ws://", "wss://")):
             raise ValidationError("bus.url", f"{self.url!r} is not a nats:// URL")
         if self.worker_ttl_s < 2 * self.heartbeat_s:

@@ -27,6 +27,9 @@ class EngineConfig(Struct):
     # salt of the block hashes (a mismatch between workers and router is reported, never silent)
     hash_seed: str = limit("kvrelay-v1", max_len=64)
     startup_timeout_s: float = limit(600.0, min=1.0)
+    # CPU cores the engine's compute threads are bound to (vLLM CPU: VLLM_CPU_OMP_THREADS_BIND),
+    # e.g. "0", "1-3"; "" leaves vLLM's automatic binding; "nobind" disables binding
+    cpu_bind: str = limit("", max_len=256)
 
 
 @typed

@@ -1,0 +1,205 @@
+"""``kvrelay up``: the whole deployment on one machine, as real processes.
+
+An embedded nats-server (unless --nats-url), one router (OpenAI-compatible HTTP API + NATS
+intake), N prefill and M decode workers, each its own process with its log in the run folder.
+Ready when the router's /health says a prefill and a decode worker are live. Ctrl-C (or
+SIGTERM) stops the children in order: SIGTERM, a grace period, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvrelay import envs
+from kvrelay.config import Config
+from kvrelay.transport.server import NatsServer
+
+GRACE_S = 20.0
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log_path: Path
+    proc: asyncio.subprocess.Process | None = None
+    log_file: object = field(default=None, repr=False)
+
+    async def start(self, env: dict[str, str]) -> None:
+        self.log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=self.log_file, stderr=self.log_file,
+            env=env, start_new_session=True,
+        )
+
+    async def stop(self, grace: float = GRACE_S) -> None:
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), grace)
+            except asyncio.TimeoutError:
+                os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+        if self.log_file is not None:
+            self.log_file.close()  # type: ignore[attr-defined]
+            self.log_file = None
+
+    def tail(self, n: int = 25) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n:])
+
+
+def core_plan(n_prefill: int, n_decode: int, n_cores: int) -> list[str]:
+    """One core per engine, round robin over the machine's cores (prefill first, then decode).
+
+    On a 2-core laptop with one of each, prefill computes on core 0 and decode on core 1, so a
+    long prompt never stalls decode steps: the point of disaggregation.
+    """
+    return [str(i % max(1, n_cores)) for i in range(n_prefill + n_decode)]
+
+
+def _children(cfg_path: Path, args: argparse.Namespace, log_dir: Path, cfg: Config) -> list[Child]:
+    base = [sys.executable, "-P", "-m", "kvrelay.cli"]  # -P: never import from the working directory
+    out = [Child("router", base + ["router", "--config", str(cfg_path), "--id", "router-0"], log_dir / "router.log")]
+    roles = [("prefill", i) for i in range(args.prefill)] + [("decode", i) for i in range(args.decode)]
+    cores = core_plan(args.prefill, args.decode, os.cpu_count() or 1)
+    for (role, i), core in zip(roles, cores):
+        argv = base + [role, "--config", str(cfg_path), "--id", f"{role}-{i}"]
+        if not cfg.engine.cpu_bind:
+            argv += ["--set", f"engine.cpu_bind=\"{core}\""]
+        out.append(Child(f"{role}-{i}", argv, log_dir / f"{role}-{i}.log"))
+    return out
+
+
+async def _healthy(url: str, timeout: float = 2.0) -> bool:
+    import aiohttp
+
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s:
+            async with s.get(url) as r:
+                return r.status == 200
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        return False
+
+
+async def _wait_ready(children: list[Child], health_url: str, stop: asyncio.Event, timeout: float) -> str | None:
+    """None when ready; else why not (a child exited, the deadline passed, or we were stopped)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for c in children:
+            if c.proc is not None and c.proc.returncode is not None:
+                return f"{c.name} exited with code {c.proc.returncode} during start-up:\n{c.tail()}"
+        if stop.is_set():
+            return "stopped"
+        if await _healthy(health_url):
+            return None
+        try:
+            await asyncio.wait_for(stop.wait(), 0.5)
+        except asyncio.TimeoutError:
+            pass
+    return f"not ready within {timeout:.0f}s (see the logs)"
+
+
+def _banner(cfg: Config, nats_url: str, log_dir: Path, started: float) -> str:
+    host, port = cfg.router.http_host, cfg.router.http_port
+    base = f"http://{host}:{port}"
+    model = cfg.router.served_model_name or Path(cfg.router.model).name
+    sample = json.dumps({"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                         "max_tokens": 32})
+    return (
+        f"\nkvrelay is up in {time.monotonic() - started:.1f}s\n"
+        f"  OpenAI-compatible API  {base}/v1   (health {base}/health, metrics {base}/metrics)\n"
+        f"  NATS                   {nats_url}  (namespace {cfg.bus.namespace!r}, subjects kvrelay.{cfg.bus.namespace}.*)\n"
+        f"  model                  {model}  ({cfg.engine.model})\n"
+        f"  logs                   {log_dir}/\n\n"
+        f"try:\n  curl -s {base}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+        f"    -d '{sample}'\n\nCtrl-C stops everything.\n"
+    )
+
+
+async def _supervise(children: list[Child], stop: asyncio.Event) -> int:
+    """Wait for Ctrl-C, or for a child to die (then everything stops, exit code 1)."""
+    waits = {asyncio.ensure_future(c.proc.wait()): c for c in children if c.proc is not None}
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        done, _ = await asyncio.wait([stopper, *waits], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for f in [stopper, *waits]:
+            f.cancel()
+        await asyncio.gather(stopper, *waits, return_exceptions=True)
+    if stopper in done:
+        return 0
+    for f in done:
+        c = waits[f]
+        print(f"kvrelay: {c.name} exited unexpectedly (code {c.proc.returncode}):\n{c.tail()}", file=sys.stderr)
+    return 1
+
+
+async def _up(cfg: Config, args: argparse.Namespace, stop: asyncio.Event) -> int:
+    started = time.monotonic()
+    run_dir = envs.run_dir()
+    log_dir = run_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    server = None
+    nats_url = cfg.bus.url if args.nats_url else ""
+    if not nats_url:
+        server = NatsServer(port=args.nats_port)
+        nats_url = await asyncio.to_thread(server.start)
+        print(f"kvrelay: nats-server on {nats_url}", flush=True)
+    cfg = cfg.replace(bus=cfg.bus.replace(url=nats_url))
+    cfg_path = run_dir / "up-config.json"
+    cfg_path.write_text(json.dumps(cfg.to_mapping(), indent=2))
+    children = _children(cfg_path, args, log_dir, cfg)
+    env = dict(os.environ, KVRELAY_LOG_FORMAT="json", PYTHONUNBUFFERED="1")
+    try:
+        for c in children:
+            await c.start(env)
+        print(f"kvrelay: started {', '.join(c.name for c in children)}; waiting for the workers "
+              f"(loading the model takes a while; logs in {log_dir})", flush=True)
+        health = f"http://{cfg.router.http_host}:{cfg.router.http_port}/health"
+        why = await _wait_ready(children, health, stop, cfg.engine.startup_timeout_s)
+        if why == "stopped":
+            return 0
+        if why is not None:
+            print(f"kvrelay: {why}", file=sys.stderr)
+            return 1
+        print(_banner(cfg, nats_url, log_dir, started), flush=True)
+        return await _supervise(children, stop)
+    finally:
+        print("kvrelay: stopping...", flush=True)
+        # router first (stops intake), then workers, in parallel within each group
+        await asyncio.gather(*(c.stop() for c in children if c.name == "router"))
+        await asyncio.gather(*(c.stop() for c in children if c.name != "router"))
+        if server is not None:
+            await asyncio.to_thread(server.stop)
+        print("kvrelay: stopped", flush=True)
+
+
+def up(args: argparse.Namespace) -> int:
+    from kvrelay.cli import config_from_args, run_until_signal
+
+    if args.model is None:
+        args.model = "smollm2"
+    if args.prefill < 1 or args.decode < 1:
+        print("kvrelay: --prefill and --decode must be at least 1", file=sys.stderr)
+        return 2
+    cfg = config_from_args(args)
+    result: list[int] = []
+
+    async def main(stop: asyncio.Event) -> None:
+        result.append(await _up(cfg, args, stop))
+
+    run_until_signal(main)
+    return result[0] if result else 1

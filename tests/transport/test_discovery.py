@@ -1,0 +1,63 @@
+"""Discovery through the KV bucket, against a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from kvrelay.schemas import WorkerInfo, encode
+from kvrelay.transport.bus import Bus
+from kvrelay.transport.config import BusConfig
+from kvrelay.transport.discovery import Announcer, Directory
+
+
+def _info(wid: str, role: str = "prefill") -> WorkerInfo:
+    return WorkerInfo(worker_id=wid, role=role, model="m", host="h", block_size=32)
+
+
+async def _wait_until(cond, directory: Directory, timeout: float = 5.0) -> None:
+    async def loop() -> None:
+        while not cond():
+            directory.changed.clear()
+            await directory.changed.wait()
+
+    await asyncio.wait_for(loop(), timeout)
+
+
+async def test_directory_sees_join_and_clean_leave(bus_config: BusConfig) -> None:
+    bus = await Bus.connect(bus_config, "test")
+    directory = Directory(bus)
+    watch = asyncio.create_task(directory.run())
+    ann = Announcer(bus, "p1", lambda: _info("p1"))
+    beat = asyncio.create_task(ann.run())
+    try:
+        await _wait_until(lambda: [i.worker_id for i in directory.live("prefill")] == ["p1"], directory)
+        assert directory.live("decode") == []
+        beat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beat
+        await _wait_until(lambda: directory.live() == [], directory)
+    finally:
+        watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch
+        await bus.close()
+
+
+def test_directory_ages_out_silent_workers_and_ignores_bad_records() -> None:
+    now = [100.0]
+
+    class FakeBus:  # only cfg is used by Directory outside run()
+        cfg = BusConfig(worker_ttl_s=5.0)
+
+    d = Directory(FakeBus(), max_workers=2, clock=lambda: now[0])  # type: ignore[arg-type]
+    d.apply("a", encode(_info("a")))
+    d.apply("bad", b"not msgpack at all")
+    d.apply("b", encode(_info("b", "decode")))
+    d.apply("c", encode(_info("c")))  # over the bound: ignored and counted
+    assert sorted(i.worker_id for i in d.live()) == ["a", "b"]
+    assert d.ignored == 1
+    now[0] += 4.0
+    d.apply("a", encode(_info("a")))  # a heartbeats, b stays silent
+    now[0] += 2.0
+    assert [i.worker_id for i in d.live()] == ["a"]
