@@ -18,6 +18,7 @@ from typing import Any
 
 from kvrelay import envs
 from kvrelay.config import Config, ConfigError, load
+from kvrelay.models import ModelError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -142,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
 
             return nats_main(host=args.host, port=args.port, store_dir=args.store_dir)
         if args.command == "model":
+            from kvrelay.logs import setup
             from kvrelay.models import prepare, resolve
 
+            setup("model", envs.log_level(), envs.log_format())  # logs to stderr: stdout is the folder
             if args.model_command == "prepare":
                 for name in args.names:
                     print(prepare(name))
@@ -158,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except ConfigError as exc:
         print(f"kvrelay: config error: {exc}", file=sys.stderr)
+        return 2
+    except ModelError as exc:
+        print(f"kvrelay: model error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -25,9 +25,30 @@ class RouterConfig(Struct):
     request_timeout_s: float = limit(300.0, min=0.1, max=86400.0)
     first_token_timeout_s: float = limit(120.0, min=0.1, max=86400.0)
     dispatch_timeout_s: float = limit(2.0, min=0.05, max=60.0)
+    # token chunks held per request while put back in order; past it the request fails
+    max_buffered_chunks: int = limit(4096, min=16, max=1 << 20)
     # NATS intake (pub/sub clients): requests pulled at once from the request stream
     intake_enabled: bool = True
     intake_max_inflight: int = limit(64, min=1)
+    # a request no worker can take yet goes back to the stream for this long (until its deadline)
+    intake_retry_delay_s: float = limit(0.5, min=0.01, max=60.0)
+    # a fetched request not acknowledged in this time is redelivered (router replica died)
+    intake_ack_wait_s: float = limit(30.0, min=1.0, max=3600.0)
     default_tenant: str = limit("default", max_len=64)
     # block hashes are salted per tenant with this server-side secret (cache-timing side channel)
     tenant_salt_secret: str = limit("", max_len=256)
+    # kv_aware policy (router/kv_policy.py): cost = kv_w_prefill * uncached prompt tokens
+    # + kv_w_queue * (queued + in-flight prefill tokens) + kv_w_decode * active requests
+    kv_w_prefill: float = limit(1.0, min=0.0, max=1e6)
+    kv_w_queue: float = limit(1.0, min=0.0, max=1e6)
+    kv_w_decode: float = limit(32.0, min=0.0, max=1e9)
+    kv_temperature: float = limit(0.0, min=0.0, max=100.0)  # 0 = cheapest, ties random
+    kv_max_fallbacks: int = limit(3, min=0, max=64)
+    # decode affinity: prefill locally on the previous step's decode worker when it holds
+    # all but at most this many prompt tokens
+    kv_local_threshold_tokens: int = limit(256, min=0)
+    # the prefix index (router/index.py): distinct block hashes kept (LRU eviction past it)
+    kv_index_max_blocks: int = limit(1 << 20, min=1, max=1 << 28)
+    kv_index_max_workers: int = limit(1024, min=1, max=65536)
+    # a stale worker's snapshot must arrive within this, or it is asked again
+    kv_snapshot_timeout_s: float = limit(5.0, min=0.1, max=600.0)

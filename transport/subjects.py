@@ -72,6 +72,10 @@ class Subjects:
     def kv_events_all(self) -> str:
         return f"{self.root}.kv.events.*"
 
+    def kv_snapshot(self, worker_id: str) -> str:
+        """Routers ask one worker for a ``KvSnapshot`` of its cache here (after an event-id gap)."""
+        return f"{self.root}.kv.snapshot.{check_token(worker_id, 'worker id')}"
+
     def kv_release(self, worker_id: str) -> str:
         return f"{self.root}.kv.release.{check_token(worker_id, 'worker id')}"
 

@@ -1,0 +1,36 @@
+"""``kvrelay bench <name> ...``: every benchmark, imported only when it runs.
+
+Adding one is one line in ``BENCHES``: the name, the module under ``kvrelay.loadtest`` that
+has ``main(argv) -> int``, and a one-line description.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHES: dict[str, tuple[str, str]] = {
+    "router": ("kvrelay.loadtest.bench_router", "prefix index + kv-aware decision, vs Dynamo's RadixTree"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: kvrelay bench <name> [options]   (kvrelay bench <name> --help)", "", "benchmarks:"]
+    lines += [f"  {name:<12} {desc}" for name, (_, desc) in sorted(BENCHES.items())]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if args else 2
+    entry = BENCHES.get(args[0])
+    if entry is None:
+        print(f"kvrelay bench: unknown benchmark {args[0]!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    return int(importlib.import_module(entry[0]).main(args[1:]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
