@@ -32,8 +32,13 @@ async def open_bucket(bus: Bus) -> KeyValue:
         try:
             return await bus.js.key_value(name)
         except nats.js.errors.BucketNotFoundError:
+            pass
+        try:
             return await bus.js.create_key_value(bucket=name, ttl=bus.cfg.worker_ttl_s, history=1,
                                                  max_bytes=16 << 20)
+        except nats.js.errors.BadRequestError:
+            # created meanwhile by a component with another TTL: use it as it is (one TTL wins)
+            return await bus.js.key_value(name)
     except (nats.errors.Error, asyncio.TimeoutError) as exc:
         raise BusUnavailable(f"cannot open the discovery bucket {name}: {exc!r}") from exc
 

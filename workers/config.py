@@ -30,6 +30,11 @@ class EngineConfig(Struct):
     # CPU cores the engine's compute threads are bound to (vLLM CPU: VLLM_CPU_OMP_THREADS_BIND),
     # e.g. "0", "1-3"; "" leaves vLLM's automatic binding; "nobind" disables binding
     cpu_bind: str = limit("", max_len=256)
+    # kind "sim" only (workers/sim): the cost-model preset (workers/sim/cost.py PRESETS), real
+    # seconds per modelled second (0 = no waiting), and KV blocks (0 = from kv_cache_gb and the preset)
+    sim_preset: str = limit("cpu-smollm2", max_len=64)
+    sim_time_scale: float = limit(1.0, min=0.0, max=1e6)
+    sim_num_blocks: int = limit(0, min=0, max=1 << 24)
 
 
 @typed
@@ -48,6 +53,12 @@ class PrefillConfig(Struct):
     tcp_host: str = limit("127.0.0.1", max_len=256)
     tcp_port: int = limit(0, min=0, max=65535)
     checksum: bool = False
+    # how often held exports are checked for expired leases
+    lease_check_s: float = limit(1.0, min=0.01, max=60.0)
+    # on stop: how long queued and running tasks (and unreleased leases) may take to finish
+    drain_timeout_s: float = limit(10.0, min=0.0, max=3600.0)
+    # Prometheus /metrics HTTP port (0 = off)
+    metrics_port: int = limit(0, min=0, max=65535)
 
     def validate(self) -> None:
         for b in self.backends:
@@ -69,3 +80,9 @@ class DecodeConfig(Struct):
     backends: list[str] = limit(["shm", "tcp"], max_len=4)
     # debug: zero the KV after loading it (proves the KV is really transferred)
     debug_zero_kv: bool = False
+    # un-acked PrefillDone messages the shared consumer allows across all decode workers
+    max_ack_pending: int = limit(1024, min=1, max=1 << 20)
+    # on stop: how long running requests may take to finish before they are aborted
+    drain_timeout_s: float = limit(10.0, min=0.0, max=3600.0)
+    # Prometheus /metrics HTTP port (0 = off)
+    metrics_port: int = limit(0, min=0, max=65535)

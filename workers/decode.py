@@ -1,0 +1,396 @@
+"""The decode worker service: the bus edges around a ``DecodeEngine``.
+
+    pull PrefillDone from the "prefilled" work queue (shared consumer + own affinity consumer),
+    only while a slot is free  ->  engine.decode(done)
+    first delta: ack the message, LeaseRelease to kv.release.<prefill worker> (the KV is in)
+    every delta: TokenChunk seq 1, 2, ... on the request's stream subject; the last one carries
+    finish_reason and usage
+    anyone --Cancel (cancel.<request>)--> engine.abort
+
+Bounds: at most ``max_slots`` requests run, and pull requests never ask for more messages than
+free slots (``Slots``); messages that arrive beyond that are nak'ed back to the queue. Until the
+first delta the message is kept alive with ``in_progress``; a worker stopping before then naks it
+so another decode worker takes the request (the KV lease is still held for it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from nats.aio.msg import Msg
+
+from kvrelay.logs import bound, get_logger
+from kvrelay.schemas.codec import decode
+from kvrelay.schemas.messages import Cancel, LeaseRelease, PrefillDone, Usage, WorkerInfo
+from kvrelay.transport.bus import Bus
+from kvrelay.transport.discovery import Announcer
+from kvrelay.transport.errors import TransportError
+from kvrelay.transport.subjects import check_subject, check_token
+from kvrelay.workers import metrics as m
+from kvrelay.workers.engine import DecodeEngine, TokenDelta
+from kvrelay.workers.errors import EngineDead, EngineError
+from kvrelay.workers.metrics import MetricsServer
+from kvrelay.workers.pull import (
+    AFFINITY_INACTIVE_S,
+    FETCH_ERRORS,
+    affinity_durable,
+    consumer_config,
+    pull_consumer,
+    settle,
+)
+from kvrelay.workers.service import (
+    RecentIds,
+    TaskOwner,
+    attach_bus,
+    emit,
+    error_chunk,
+    heartbeat,
+    now_ms,
+    remaining_s,
+    token_chunk,
+    wait_any,
+    worker_id,
+)
+from kvrelay.workers.slots import Slots
+
+if TYPE_CHECKING:
+    from kvrelay.config import Config
+
+log = get_logger(__name__)
+
+
+@dataclass
+class Active:
+    done: PrefillDone
+    msg: Msg
+    pulled_at: float
+    task: asyncio.Task[Any] | None = None
+    seq: int = 1  # the prefill worker sent seq 0
+    generated: int = 0
+    started: bool = False  # the first delta came: the KV is in
+    settled: bool = False  # acked, termed or nak'ed
+    released: bool = False  # LeaseRelease sent (or deliberately not: nak'ed for another worker)
+    ended: bool = False  # the final chunk went out
+    cancelled: bool = False
+
+
+class DecodeService:
+    """One decode worker's state and bus handlers. ``start()``, then ``shutdown()``."""
+
+    def __init__(self, cfg: Config, engine: DecodeEngine, bus: Bus, wid: str) -> None:
+        self.cfg = cfg.decode
+        self.engine = engine
+        self.bus = bus
+        self.id = wid
+        self.subjects = bus.subjects
+        self.slots = Slots(self.cfg.max_slots)
+        self.active: dict[str, Active] = {}
+        self.cancelled = RecentIds(4096)  # cancels seen; a PrefillDone pulled later is dropped
+        self.draining = False
+        self.dead = asyncio.Event()
+        self.owner = TaskOwner(f"decode-{wid}")
+        self.metrics = MetricsServer(self.cfg.metrics_port)
+        self.announcer = Announcer(bus, wid, self.info)
+        self._pullers: set[asyncio.Task[Any]] = set()
+        self._subs: list = []
+        self._started_ms = now_ms()
+        self._running = False  # start() completed
+        self._kv_bytes_seen = 0
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.metrics.start()
+        s, c = self.subjects, self.cfg
+        shared = await pull_consumer(self.bus, consumer_config(c, s.consumer_decode, s.prefilled, None))
+        own = await pull_consumer(self.bus, consumer_config(
+            c, affinity_durable(self.id), s.prefilled_for(self.id), AFFINITY_INACTIVE_S))
+        self._subs = [shared, own, await self.bus.subscribe(s.cancel_all, self.on_cancel)]
+        self._pullers = {
+            self.owner.spawn(self._pull_loop(shared, c.fetch_batch), "pull-shared"),
+            self.owner.spawn(self._pull_loop(own, 1), "pull-own"),
+        }
+        self.owner.spawn(heartbeat(self.announcer, self.bus.cfg.heartbeat_s), "heartbeat")
+        self._running = True
+        log.info("decode_worker_started", worker=self.id, max_slots=c.max_slots)
+
+    async def shutdown(self) -> None:
+        """Stop pulling, let running requests finish (bounded), then cancel and await everything."""
+        self.draining = True
+        if self._running:  # routers see "draining" now, not at the next heartbeat
+            try:
+                await self.announcer.put_once()
+            except TransportError as exc:
+                log.warning("draining_announce_failed", error=repr(exc))
+        await self.owner.wait(self._pullers, self.cfg.fetch_timeout_s + self.bus.cfg.request_timeout_s)
+        running = {a.task for a in self.active.values() if a.task is not None}
+        await self.owner.wait(running, self.cfg.drain_timeout_s)
+        await self.owner.close()
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception as exc:  # noqa: BLE001 - the connection may already be gone
+                log.warning("unsubscribe_failed", error=repr(exc))
+        await self.metrics.stop()
+        m.DECODE_ACTIVE.set(len(self.active))
+        log.info("decode_worker_stopped", worker=self.id)
+
+    # --- pulling --------------------------------------------------------------------------------
+    async def _pull_loop(self, sub: Any, most: int) -> None:
+        """Reserve free slots, fetch at most that many messages, start one request per message."""
+        c = self.cfg
+        while not self.draining:
+            n = await self.slots.acquire(min(most, c.fetch_batch), c.fetch_timeout_s)
+            if n == 0:
+                continue
+            kept, failed = 0, False
+            try:
+                try:
+                    msgs = await sub.fetch(n, timeout=c.fetch_timeout_s)
+                except asyncio.TimeoutError:  # nothing to do
+                    msgs = []
+                except FETCH_ERRORS as exc:
+                    log.warning("fetch_failed", error=repr(exc))
+                    msgs, failed = [], True
+                for msg in msgs:
+                    if kept < n and not self.draining:
+                        kept += await self._take(msg)
+                    else:  # a late delivery beyond the reservation, or draining: back to the queue
+                        m.DECODE_REQUESTS.labels("returned").inc()
+                        await settle(msg, "nak")
+            finally:
+                self.slots.release(n - kept)
+            if failed:  # bus trouble: back off one fetch period instead of spinning
+                await asyncio.sleep(c.fetch_timeout_s)
+
+    async def _take(self, msg: Msg) -> int:
+        """Start a request for ``msg`` (1: it holds a slot now) or settle it at once (0)."""
+        try:
+            done = decode(msg.data, PrefillDone)
+            check_subject(done.stream_subject, "stream_subject")
+            check_token(done.prefill_worker, "prefill_worker")
+        except ValueError as exc:
+            m.DECODE_REQUESTS.labels("undecodable").inc()
+            log.warning("bad_prefill_done", error=str(exc)[:300])
+            await settle(msg, "term")
+            return 0
+        rid = done.request_id
+        if rid in self.active:  # redelivered while we still work on it
+            m.DECODE_REQUESTS.labels("duplicate").inc()
+            await settle(msg, "term")
+            return 0
+        act = Active(done, msg, time.monotonic())
+        left = remaining_s(done.deadline_ms)
+        if rid in self.cancelled or (left is not None and left <= 0):
+            with bound(request_id=rid):
+                act.settled = True
+                await settle(msg, "term")
+                if rid in self.cancelled:
+                    await self._end_error(act, "cancelled", "request cancelled", 499, "abort")
+                else:
+                    await self._end_error(act, "timeout", "deadline passed before decode started", 504)
+                await self._release(act, "dropped")
+            m.DECODE_REQUESTS.labels("cancelled" if rid in self.cancelled else "timeout").inc()
+            return 0
+        self.active[rid] = act
+        m.DECODE_ACTIVE.set(len(self.active))
+        act.task = self.owner.spawn(self._request(act), f"req-{rid}")
+        return 1
+
+    # --- one request ----------------------------------------------------------------------------
+    async def _request(self, act: Active) -> None:
+        rid = act.done.request_id
+        outcome = "error"
+        with bound(request_id=rid):
+            try:
+                outcome = await asyncio.wait_for(self._stream(act), remaining_s(act.done.deadline_ms))
+            except asyncio.TimeoutError:
+                outcome = "timeout"
+                await self._abort(rid)
+                await self._end_error(act, "timeout", "decode did not finish before the deadline", 504)
+            except asyncio.CancelledError:
+                outcome = await self._stopped(act)
+                raise
+            except Exception as exc:  # noqa: BLE001 - an engine failure ends this request only
+                if act.cancelled:
+                    outcome = "cancelled"
+                    await self._end_error(act, "cancelled", "request cancelled", 499, "abort")
+                else:
+                    outcome = "engine_error"
+                    log.exception("decode_failed")
+                    await self._end_error(act, "engine", f"decode failed: {exc!r}", 500)
+                    if isinstance(exc, EngineDead):
+                        self.dead.set()
+            finally:
+                await self._finish(act, outcome)
+
+    async def _stream(self, act: Active) -> str:
+        """Run the engine and stream its deltas; returns the finish reason."""
+        agen = self.engine.decode(act.done)
+        try:
+            delta = await self._first_delta(agen, act)
+            act.started = True
+            m.DECODE_TIME_TO_KV.observe(time.monotonic() - act.pulled_at)
+            if delta is not None and delta.kv_recomputed:
+                m.DECODE_KV_RECOMPUTED.inc()
+            act.settled = True
+            await settle(act.msg, "ack")
+            await self._release(act, "loaded")
+            last = time.monotonic()
+            while delta is not None:
+                if await self._publish(act, delta):
+                    return delta.finish_reason or "stop"
+                delta = await _next(agen)
+                now = time.monotonic()
+                m.DECODE_INTER_TOKEN.observe(now - last)
+                last = now
+            if act.cancelled:
+                await self._end_error(act, "cancelled", "request cancelled", 499, "abort")
+                return "cancelled"
+            raise EngineError("the engine's token stream ended without a finish reason")
+        finally:
+            aclose = getattr(agen, "aclose", None)
+            if aclose is not None:
+                try:
+                    await aclose()
+                except Exception as exc:  # noqa: BLE001 - closing a failed stream
+                    log.warning("decode_stream_close_failed", error=repr(exc))
+
+    async def _first_delta(self, agen: Any, act: Active) -> TokenDelta | None:
+        """The first delta (KV import happens before it); keeps the message alive meanwhile."""
+        nxt = asyncio.ensure_future(_next(agen))
+        try:
+            while True:
+                finished, _ = await asyncio.wait({nxt}, timeout=self.cfg.ack_wait_s / 3)
+                if finished:
+                    return nxt.result()
+                await settle(act.msg, "in_progress")
+        finally:
+            if not nxt.done():
+                nxt.cancel()
+                await asyncio.gather(nxt, return_exceptions=True)
+
+    async def _publish(self, act: Active, delta: TokenDelta) -> bool:
+        """One delta as one chunk; True when it was the last."""
+        act.generated += len(delta.token_ids)
+        m.DECODE_TOKENS.inc(len(delta.token_ids))
+        usage = None
+        if delta.finish_reason:
+            usage = Usage(prompt_tokens=len(act.done.prompt_token_ids), completion_tokens=1 + act.generated,
+                          cached_tokens=act.done.cached_tokens)
+            act.ended = True
+        chunk = token_chunk(act.done.request_id, act.seq, self.id, delta.token_ids, delta.text,
+                            delta.finish_reason, usage)
+        act.seq += 1
+        await emit(self.bus, act.done.stream_subject, chunk, "token")
+        return act.ended
+
+    async def _stopped(self, act: Active) -> str:
+        """The worker stops under this request: before the KV is in, hand it to another worker."""
+        if not act.started and not act.settled:
+            act.settled = act.released = True  # the next decode worker needs the lease
+            await settle(act.msg, "nak")
+            return "returned"
+        await self._abort(act.done.request_id)
+        await self._end_error(act, "draining", "decode worker shut down", 503)
+        return "draining"
+
+    async def _finish(self, act: Active, outcome: str) -> None:
+        if not act.settled:
+            act.settled = True
+            await settle(act.msg, "term")
+        await self._release(act, "done" if outcome in ("stop", "length") else outcome)
+        self.active.pop(act.done.request_id, None)
+        self.slots.release()
+        m.DECODE_ACTIVE.set(len(self.active))
+        m.DECODE_REQUESTS.labels(outcome).inc()
+
+    async def _release(self, act: Active, reason: str) -> None:
+        """Tell the prefill worker it may free the KV: exactly once per request."""
+        if act.released:
+            return
+        act.released = True
+        d = act.done
+        rel = LeaseRelease(request_id=d.request_id, ticket=d.kv.ticket, reason=reason[:64])
+        await emit(self.bus, self.subjects.kv_release(d.prefill_worker), rel, "release")
+
+    async def _end_error(self, act: Active, code: str, message: str, status: int,
+                         finish: Any = "error") -> None:
+        if act.ended:
+            return
+        act.ended = True
+        chunk = error_chunk(act.done.request_id, act.seq, self.id, code, message, status, finish)
+        act.seq += 1
+        await emit(self.bus, act.done.stream_subject, chunk, "error")
+
+    async def _abort(self, request_id: str) -> None:
+        try:
+            await asyncio.wait_for(self.engine.abort(request_id), self.bus.cfg.request_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - best effort; the request is ending anyway
+            log.warning("abort_failed", error=repr(exc))
+
+    # --- cancellation and reporting --------------------------------------------------------------
+    async def on_cancel(self, msg: Msg) -> None:
+        try:
+            cancel = decode(msg.data, Cancel)
+        except ValueError as exc:
+            log.warning("bad_cancel", error=str(exc))
+            return
+        self.cancelled.add(cancel.request_id)
+        act = self.active.get(cancel.request_id)
+        if act is not None and not act.cancelled:
+            act.cancelled = True
+            await self._abort(cancel.request_id)
+
+    def info(self) -> WorkerInfo:
+        stats = self.engine.stats()
+        if stats.kv_bytes_moved > self._kv_bytes_seen:
+            m.KV_BYTES_MOVED.inc(stats.kv_bytes_moved - self._kv_bytes_seen)
+            self._kv_bytes_seen = stats.kv_bytes_moved
+        i = self.engine.info
+        return WorkerInfo(
+            worker_id=self.id, role="decode", model=i.model, host=socket.gethostname(), pid=os.getpid(),
+            started_ms=self._started_ms, heartbeat_ms=now_ms(), block_size=i.block_size,
+            hash_seed=i.hash_seed, backends=list(i.backends), max_slots=self.cfg.max_slots,
+            active=len(self.active), free_kv_blocks=stats.free_kv_blocks, draining=self.draining,
+        )
+
+
+
+async def _next(agen: Any) -> TokenDelta | None:
+    """The next delta, or None at the end of the stream."""
+    try:
+        return await agen.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def serve(cfg: Config, stop: asyncio.Event, engine: DecodeEngine | None = None) -> None:
+    """Run a decode worker until ``stop`` is set; raises ``EngineDead`` if the engine dies."""
+    wid = worker_id(cfg.decode.worker_id)
+    if engine is None:
+        from kvrelay.workers.factory import decode_engine
+
+        engine = decode_engine(cfg, wid)
+    bus = await Bus.connect(cfg.bus, f"decode-{wid}")
+    try:
+        await bus.ensure_prefilled_stream()
+        attach_bus(engine, bus, wid)
+        await engine.start()
+        try:
+            svc = DecodeService(cfg, engine, bus, wid)
+            try:
+                await svc.start()
+                await wait_any(stop, svc.dead)
+            finally:
+                await svc.shutdown()
+            if svc.dead.is_set() and not stop.is_set():
+                raise EngineDead(f"decode worker {wid}: the engine died")
+        finally:
+            await engine.stop()
+    finally:
+        await bus.close()

@@ -1,0 +1,83 @@
+"""The decode side's JetStream consumers on the ``prefilled`` work queue, and message settlement.
+
+Two durable pull consumers feed a decode worker, with non-overlapping filters (a work-queue
+stream requires it):
+
+- ``decode`` on ``kvrelay.<ns>.prefilled``, shared by every decode worker (load balancing);
+- ``decode_<id>`` on ``kvrelay.<ns>.prefilled.<id>``, this worker's own (multi-step affinity);
+  JetStream deletes it after ``AFFINITY_INACTIVE_S`` without a pull.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.client import JetStreamContext
+
+from kvrelay.logs import get_logger
+from kvrelay.transport.bus import Bus
+from kvrelay.transport.errors import BusUnavailable
+from kvrelay.workers.config import DecodeConfig
+
+log = get_logger(__name__)
+
+AFFINITY_INACTIVE_S = 3600.0
+FETCH_ERRORS = (nats.errors.Error, asyncio.TimeoutError)
+
+
+def affinity_durable(worker_id: str) -> str:
+    return f"decode_{worker_id}"
+
+
+def consumer_config(cfg: DecodeConfig, durable: str, subject: str,
+                    inactive_s: float | None) -> ConsumerConfig:
+    return ConsumerConfig(
+        name=durable,
+        durable_name=durable,
+        filter_subject=subject,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=cfg.ack_wait_s,
+        max_deliver=cfg.max_deliver,
+        max_ack_pending=cfg.max_ack_pending,
+        max_waiting=512,
+        inactive_threshold=inactive_s,
+    )
+
+
+async def pull_consumer(bus: Bus, config: ConsumerConfig) -> JetStreamContext.PullSubscription:
+    """Create (or update to ``config``) the durable consumer and bind a pull subscription.
+
+    The shared consumer takes the settings of the last decode worker that started. If the server
+    refuses the update (a setting that cannot change), the existing consumer is used as it is and
+    the refusal is logged.
+    """
+    stream = bus.subjects.stream_prefilled
+    try:
+        try:
+            await bus.js.add_consumer(stream, config=config)
+        except nats.js.errors.APIError as exc:
+            await bus.js.consumer_info(stream, config.durable_name)  # raises if it does not exist
+            log.warning("consumer_update_refused", consumer=config.durable_name, error=exc.description)
+        return await bus.js.pull_subscribe_bind(durable=config.durable_name, stream=stream)
+    except FETCH_ERRORS as exc:
+        raise BusUnavailable(f"cannot set up consumer {config.durable_name} on {stream}: {exc!r}") from exc
+
+
+async def settle(msg: Msg, how: str) -> None:
+    """ack / term / nak / in_progress, never raising: a lost ack means a redelivery, handled there."""
+    try:
+        if how == "ack":
+            await msg.ack()
+        elif how == "term":
+            await msg.term()
+        elif how == "nak":
+            await msg.nak()
+        else:
+            await msg.in_progress()
+    except nats.errors.Error as exc:
+        log.warning("settle_failed", how=how, error=repr(exc))

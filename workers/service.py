@@ -1,0 +1,163 @@
+"""Pieces the prefill and decode services share: worker ids, the task owner, bounded id sets,
+token-chunk builders and a guarded publish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Coroutine
+from typing import Any
+
+from kvrelay.logs import get_logger
+from kvrelay.schemas.codec import Message
+from kvrelay.schemas.messages import ErrorInfo, FinishReason, TokenChunk, Usage
+from kvrelay.transport.bus import Bus
+from kvrelay.transport.discovery import Announcer
+from kvrelay.transport.errors import TransportError
+from kvrelay.transport.subjects import check_token
+from kvrelay.workers import metrics
+
+log = get_logger(__name__)
+
+_NOT_TOKEN = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def worker_id(configured: str) -> str:
+    """The configured id (validated as a subject token), else ``<hostname>-<pid>`` made into one."""
+    if configured:
+        return check_token(configured, "worker id")
+    host = _NOT_TOKEN.sub("-", socket.gethostname()).strip("-") or "host"
+    suffix = f"-{os.getpid()}"
+    return host[: 64 - len(suffix)] + suffix
+
+
+def remaining_s(deadline_ms: int) -> float | None:
+    """Seconds left before ``deadline_ms``; None when there is no deadline (0)."""
+    if deadline_ms <= 0:
+        return None
+    return (deadline_ms - now_ms()) / 1000.0
+
+
+class TaskOwner:
+    """Owns background tasks: ``spawn`` tracks them, ``close`` cancels and awaits every one.
+
+    Finished tasks leave the set at once, so it holds only live tasks (bounded by what the
+    owner starts: the services bound their own concurrency). A task that failed is logged.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=f"{self.name}:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task_failed", task=task.get_name(), error=repr(task.exception()))
+
+    async def wait(self, tasks: set[asyncio.Task[Any]], timeout: float) -> bool:
+        """Wait (bounded) for ``tasks`` to finish on their own; True if they all did."""
+        if not tasks:
+            return True
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        return not pending
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Cancel every task and wait for them (at most ``timeout``; stragglers are logged)."""
+        tasks = set(self._tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            for t in pending:
+                log.error("task_did_not_stop", task=t.get_name())
+
+
+class RecentIds:
+    """The last ``maxlen`` ids seen (e.g. cancelled requests); when full the oldest is dropped."""
+
+    def __init__(self, maxlen: int = 4096) -> None:
+        self.maxlen = maxlen
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def add(self, rid: str) -> None:
+        self._ids[rid] = None
+        self._ids.move_to_end(rid)
+        while len(self._ids) > self.maxlen:
+            self._ids.popitem(last=False)
+
+    def __contains__(self, rid: object) -> bool:
+        return rid in self._ids
+
+
+def error_chunk(request_id: str, seq: int, worker: str, code: str, message: str, status: int,
+                finish_reason: FinishReason = "error") -> TokenChunk:
+    """The chunk that ends a stream on failure (``finish_reason`` "error", or "abort" if cancelled)."""
+    return TokenChunk(request_id=request_id, seq=seq, finish_reason=finish_reason, worker=worker,
+                      error=ErrorInfo(code=code, message=message[:4096], status=status), sent_ms=now_ms())
+
+
+def token_chunk(request_id: str, seq: int, worker: str, token_ids: list[int], text: str,
+                finish_reason: str | None = None, usage: Usage | None = None) -> TokenChunk:
+    fr: Any = finish_reason if finish_reason in ("stop", "length", "abort", "error") else (
+        None if finish_reason is None else "stop")
+    return TokenChunk(request_id=request_id, seq=seq, token_ids=list(token_ids), text=text,
+                      finish_reason=fr, usage=usage if fr else None, worker=worker, sent_ms=now_ms())
+
+
+async def emit(bus: Bus, subject: str, msg: Message, kind: str) -> bool:
+    """Core publish that never raises: a failure is logged and counted (the caller carries on)."""
+    try:
+        await bus.publish(subject, msg)
+        return True
+    except (TransportError, ValueError) as exc:
+        metrics.BUS_PUBLISH_ERRORS.labels(kind).inc()
+        log.warning("publish_failed", subject=subject, kind=kind, error=repr(exc))
+        return False
+
+
+async def wait_any(*events: asyncio.Event) -> None:
+    """Until one of ``events`` is set (the service's lifetime: ``stop`` or an internal failure)."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+
+
+async def heartbeat(announcer: Announcer, retry_s: float) -> None:
+    """``announcer.run()`` for the worker's lifetime: a bus failure (e.g. the bucket cannot be
+    opened yet) is logged and retried after ``retry_s`` instead of ending the heartbeat."""
+    while True:
+        try:
+            await announcer.run()
+        except TransportError as exc:
+            log.warning("heartbeat_failed", error=repr(exc))
+            await asyncio.sleep(retry_s)
+
+
+def attach_bus(engine: Any, bus: Bus, wid: str) -> None:
+    """Give the engine the bus and the worker id if it wants them (``attach_bus``, optional:
+    not part of the engine Protocols; an engine uses it to publish KV events)."""
+    attach = getattr(engine, "attach_bus", None)
+    if callable(attach):
+        attach(bus, wid)
