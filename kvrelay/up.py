@@ -20,7 +20,7 @@ from pathlib import Path
 
 from kvrelay import envs
 from kvrelay.config import Config
-from kvrelay.transport.server import NatsServer
+from kvrelay.transport.server import NatsServer, die_with_parent
 
 GRACE_S = 20.0
 
@@ -37,7 +37,7 @@ class Child:
         self.log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=self.log_file, stderr=self.log_file,
-            env=env, start_new_session=True,
+            env=env, start_new_session=True, preexec_fn=die_with_parent,
         )
 
     async def stop(self, grace: float = GRACE_S) -> None:
@@ -156,7 +156,7 @@ async def _up(cfg: Config, args: argparse.Namespace, stop: asyncio.Event) -> int
     nats_url = cfg.bus.url if args.nats_url else ""
     if not nats_url:
         server = NatsServer(port=args.nats_port)
-        nats_url = await asyncio.to_thread(server.start)
+        nats_url = server.start()  # main thread: the child's death signal follows this thread
         print(f"kvrelay: nats-server on {nats_url}", flush=True)
     cfg = cfg.replace(bus=cfg.bus.replace(url=nats_url))
     cfg_path = run_dir / "up-config.json"
@@ -183,7 +183,7 @@ async def _up(cfg: Config, args: argparse.Namespace, stop: asyncio.Event) -> int
         await asyncio.gather(*(c.stop() for c in children if c.name == "router"))
         await asyncio.gather(*(c.stop() for c in children if c.name != "router"))
         if server is not None:
-            await asyncio.to_thread(server.stop)
+            server.stop()
         print("kvrelay: stopped", flush=True)
 
 

