@@ -11,6 +11,10 @@ import sys
 
 BENCHES: dict[str, tuple[str, str]] = {
     "router": ("kvrelay.loadtest.bench_router", "prefix index + kv-aware decision, vs Dynamo's RadixTree"),
+    "routing": ("kvrelay.loadtest.bench_routing", "routing policies on simulated prefill workers (prefill tokens, TTFT)"),
+    "run": ("kvrelay.loadtest.run", "drive a running deployment (HTTP or NATS): TTFT, ITL, throughput, goodput"),
+    "compare": ("kvrelay.loadtest.compare", "start aggregated and disaggregated deployments, same workload, one report"),
+    "project": ("kvrelay.loadtest.project", "scale projection on simulated GPU clusters (cost model, virtual clock)"),
 }
 
 

@@ -31,7 +31,7 @@ class EngineConfig(Struct):
     # e.g. "0", "1-3"; "" leaves vLLM's automatic binding; "nobind" disables binding
     cpu_bind: str = limit("", max_len=256)
     # kind "sim" only (workers/sim): the cost-model preset (workers/sim/cost.py PRESETS), real
-    # seconds per modelled second (0 = no waiting), and KV blocks (0 = from kv_cache_gb and the preset)
+    # seconds per modelled second (0 = no waiting), and KV blocks (0 = as many as the preset's worker holds)
     sim_preset: str = limit("cpu-smollm2", max_len=64)
     sim_time_scale: float = limit(1.0, min=0.0, max=1e6)
     sim_num_blocks: int = limit(0, min=0, max=1 << 24)
