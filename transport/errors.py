@@ -4,6 +4,7 @@
     ├── BusUnavailable         cannot reach NATS / JetStream (connect failed, no responders)
     ├── BusTimeout             a bus operation did not answer within its timeout
     ├── Backpressure           a bounded stream or queue is full: push back to the client
+    │   └── RegionFull         the KV export region has no free blocks (prefill pushes back)
     └── KVTransferError        fetching KV blocks from a peer failed (request falls back)
         ├── PeerGone           the exporting worker or its memory region is gone
         ├── LeaseExpired       the blocks were released or reused before the read finished
@@ -31,6 +32,10 @@ class Backpressure(TransportError):
     """A bounded queue or stream is full. Callers answer HTTP 429 / an 'overloaded' error reply."""
 
     code = "overloaded"
+
+
+class RegionFull(Backpressure):
+    """The KV export region has too few free blocks for another prefill's KV."""
 
 
 class KVTransferError(TransportError):

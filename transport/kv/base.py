@@ -1,0 +1,107 @@
+"""The KV transfer interface: read an exported prefill's blocks into the local KV cache.
+
+A backend (shm here; tcp, cuda-ipc and nixl later) implements ``KVReader``. Given the
+``KVDescriptor`` a prefill worker published and the local block ids to fill, ``read`` copies
+the blocks and returns, or raises a ``KVTransferError`` subclass:
+
+    PeerGone          the exporter or its memory is gone (or unreachable from this host)
+    LeaseExpired      the blocks were released or reused before the read finished
+    LayoutMismatch    the two sides' KV layouts differ
+    ChecksumMismatch  the bytes read are not the bytes exported
+    TransferTimeout   the read did not finish in ``timeout_s``
+
+On any error the destination blocks hold garbage: the caller must treat them as not loaded.
+
+``read`` is blocking and thread-safe: the vLLM connector calls it from its bounded worker
+thread pool; asyncio code calls it through ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import socket
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kvrelay.schemas.messages import KVDescriptor, KVLayout
+from kvrelay.transport.errors import LayoutMismatch
+from kvrelay.transport.kv.region import layout_fingerprint, torch_dtype
+
+
+def host_identity() -> str:
+    """Names this host in descriptors: same-host backends (shm, cuda-ipc) compare it."""
+    return socket.gethostname()
+
+
+@dataclass(frozen=True)
+class BlockTarget:
+    """The local KV cache as one block-major view: ``kv`` is [num_blocks, num_layers, page_elems]."""
+
+    kv: torch.Tensor
+    layout: KVLayout
+
+    def __post_init__(self) -> None:
+        lay = self.layout
+        if self.kv.dim() != 3 or tuple(self.kv.shape[1:]) != (lay.num_layers, lay.page_elems):
+            raise LayoutMismatch(
+                f"cache view {tuple(self.kv.shape)} is not [blocks, {lay.num_layers}, {lay.page_elems}]"
+            )
+        if self.kv.dtype != torch_dtype(lay.dtype):
+            raise LayoutMismatch(f"cache dtype {self.kv.dtype} is not {lay.dtype}")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv.shape[0]
+
+
+@dataclass(frozen=True)
+class ReadResult:
+    blocks: int
+    nbytes: int
+    seconds: float
+
+
+class KVReader(ABC):
+    """Reads exported KV blocks into a ``BlockTarget``. One instance serves many reads."""
+
+    backend: ClassVar[str]
+
+    @abstractmethod
+    def read(
+        self,
+        desc: KVDescriptor,
+        target: BlockTarget,
+        dst_block_ids: Sequence[int],
+        *,
+        first_block: int = 0,
+        timeout_s: float,
+    ) -> ReadResult:
+        """Copy ``desc.block_ids[first_block:first_block + len(dst_block_ids)]`` into ``dst_block_ids``.
+
+        ``first_block`` > 0 skips leading blocks the reader already holds (a local prefix hit).
+        """
+
+    def close(self) -> None:  # noqa: B027  (optional hook: most readers hold nothing)
+        """Release whatever the reader keeps open (mappings, connections). Idempotent."""
+
+
+def check_layouts(desc: KVDescriptor, target: BlockTarget) -> None:
+    if layout_fingerprint(desc.layout) != layout_fingerprint(target.layout):
+        raise LayoutMismatch(
+            f"exported layout {desc.layout.to_mapping()} differs from local {target.layout.to_mapping()}"
+        )
+
+
+def check_span(desc: KVDescriptor, n_dst: int, first_block: int) -> None:
+    if first_block < 0 or first_block + n_dst > len(desc.block_ids):
+        raise LayoutMismatch(
+            f"blocks {first_block}..{first_block + n_dst - 1} wanted, the export has {len(desc.block_ids)}"
+        )
+    needed = -(-desc.num_tokens // desc.layout.block_size)
+    if len(desc.block_ids) != needed:
+        raise LayoutMismatch(
+            f"{desc.num_tokens} tokens need {needed} blocks, the export names {len(desc.block_ids)}"
+        )

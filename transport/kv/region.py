@@ -1,0 +1,252 @@
+"""A shared-memory export region: where a prefill worker keeps finished prefills' KV for decode workers.
+
+One file in ``/dev/shm`` (POSIX shared memory), mapped by every process that touches it:
+
+    offset 0            header (4096 bytes): magic, version, num_blocks, layout fingerprint, owner pid
+    offset 4096         tickets   int64[num_blocks]        the export that owns each block; 0 = free
+    offset data_offset  data      dtype[num_blocks, num_layers, page_elems]   (4096-aligned)
+
+One region block holds one vLLM block for *all* layers, contiguous, so a request's blocks are
+read in large runs. The owner (the prefill worker's main process) creates the region before
+the engine starts and unlinks it on ``close``; the connector inside vLLM's EngineCore process
+and decode workers on the same host ``attach`` by name. Nothing here allocates blocks: that is
+``leases.LeaseTable`` (owner only).
+
+Tickets make reads safe without locks (a seqlock): a writer sets a block's ticket to 0, writes
+the data, then sets the ticket; a reader checks the tickets equal its descriptor's ticket before
+AND after copying. A block freed or reused meanwhile fails the second check (``LeaseExpired``).
+Aligned 8-byte stores are atomic and stores are not reordered with other stores on x86-64;
+a weakly ordered CPU would need fences around the ticket writes.
+
+The owner's file is unlinked by ``close``, or at interpreter exit at the latest. A region left
+behind by a killed owner (SIGKILL, OOM) stays in ``/dev/shm`` as ``kvrelay-<pid>-<hex>`` until
+removed by hand (or reboot): it is not swept automatically, since pids are not unique across
+containers sharing ``/dev/shm``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import re
+import secrets
+import struct
+import tempfile
+import time
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from kvrelay.schemas.messages import KVLayout
+from kvrelay.transport.errors import LayoutMismatch, PeerGone, TransportError
+
+MAGIC = b"KVRELAY\x00"
+VERSION = 1
+HEADER_BYTES = 4096
+ALIGN = 4096
+# magic, version, header_bytes, num_blocks, fingerprint, data_offset, data_bytes, owner_pid, created_ms
+_HEADER = struct.Struct("<8sIIQQQQQQ")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+    "uint8": torch.uint8,
+}
+
+
+def default_dir() -> Path:
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() else Path(tempfile.gettempdir())
+
+
+def new_region_name() -> str:
+    return f"kvrelay-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise LayoutMismatch(f"unsupported KV dtype {name!r}; known: {sorted(DTYPES)}") from None
+
+
+def layout_fingerprint(layout: KVLayout) -> int:
+    """A 63-bit hash of every layout field: equal fingerprints mean byte-compatible blocks."""
+    canon = json.dumps(layout.to_mapping(), sort_keys=True, separators=(",", ":")).encode()
+    return int.from_bytes(hashlib.blake2b(canon, digest_size=8).digest(), "little") >> 1
+
+
+def block_nbytes(layout: KVLayout) -> int:
+    """Bytes of one region block (all layers)."""
+    return layout.num_layers * layout.page_elems * torch_dtype(layout.dtype).itemsize
+
+
+def blocks_for_bytes(layout: KVLayout, nbytes: int) -> int:
+    n = nbytes // block_nbytes(layout)
+    if n < 1:
+        raise ValueError(f"{nbytes} bytes hold no block of {block_nbytes(layout)} bytes")
+    return n
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise PeerGone(f"invalid region name {name!r}")
+
+
+class ExportRegion:
+    """A mapped export region. ``tickets``: int64[num_blocks]; ``data``: [num_blocks, layers, page]."""
+
+    def __init__(
+        self,
+        name: str,
+        path: Path,
+        mm: mmap.mmap,
+        layout: KVLayout,
+        num_blocks: int,
+        data_offset: int,
+        owner: bool,
+    ) -> None:
+        self.name = name
+        self.path = path
+        self.layout = layout
+        self.num_blocks = num_blocks
+        self.owner = owner
+        self._mm: mmap.mmap | None = mm
+        # the owner's file goes at interpreter exit at the latest, even if close() is never called
+        self._unlink = weakref.finalize(self, path.unlink, missing_ok=True) if owner else None
+        dtype = torch_dtype(layout.dtype)
+        # int64[num_blocks]
+        self.tickets = torch.frombuffer(mm, dtype=torch.int64, count=num_blocks, offset=HEADER_BYTES)
+        count = num_blocks * layout.num_layers * layout.page_elems
+        flat = torch.frombuffer(mm, dtype=dtype, count=count, offset=data_offset)
+        # [num_blocks, num_layers, page_elems]
+        self.data = flat.view(num_blocks, layout.num_layers, layout.page_elems)
+
+    @property
+    def block_nbytes(self) -> int:
+        return block_nbytes(self.layout)
+
+    @classmethod
+    def create(
+        cls, name: str, layout: KVLayout, num_blocks: int, directory: Path | None = None
+    ) -> ExportRegion:
+        """Create (exclusively) and map a zeroed region; the caller owns it and must ``close`` it."""
+        _check_name(name)
+        if num_blocks < 1:
+            raise ValueError("num_blocks must be >= 1")
+        path = (directory or default_dir()) / name
+        data_offset = _align(HEADER_BYTES + 8 * num_blocks)
+        data_bytes = num_blocks * block_nbytes(layout)
+        size = data_offset + data_bytes
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            raise TransportError(f"cannot create export region {path}: {exc}") from exc
+        try:
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise TransportError(f"cannot size export region {path} to {size} bytes: {exc}") from exc
+        os.close(fd)
+        # the magic goes last: a half-made region is never attached
+        header = _HEADER.pack(
+            b"\x00" * 8,
+            VERSION,
+            HEADER_BYTES,
+            num_blocks,
+            layout_fingerprint(layout),
+            data_offset,
+            data_bytes,
+            os.getpid(),
+            int(time.time() * 1000),
+        )
+        mm[: _HEADER.size] = header
+        mm[:8] = MAGIC
+        return cls(name, path, mm, layout, num_blocks, data_offset, owner=True)
+
+    @classmethod
+    def attach(cls, name: str, layout: KVLayout, directory: Path | None = None) -> ExportRegion:
+        """Map an existing region. Missing or damaged -> ``PeerGone``; other layout -> ``LayoutMismatch``."""
+        _check_name(name)
+        path = (directory or default_dir()) / name
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError as exc:
+            raise PeerGone(f"export region {name!r} is gone: {exc.strerror}") from exc
+        try:
+            size = os.fstat(fd).st_size
+            if size < HEADER_BYTES:
+                raise PeerGone(f"export region {name!r} is truncated ({size} bytes)")
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            raise PeerGone(f"cannot map export region {name!r}: {exc}") from exc
+        finally:
+            os.close(fd)
+        try:
+            num_blocks, data_offset = cls._check_header(mm, name, layout, size)
+        except Exception:
+            mm.close()
+            raise
+        return cls(name, path, mm, layout, num_blocks, data_offset, owner=False)
+
+    @staticmethod
+    def _check_header(mm: mmap.mmap, name: str, layout: KVLayout, size: int) -> tuple[int, int]:
+        magic, version, hdr, num_blocks, fp, data_offset, data_bytes, _pid, _ms = _HEADER.unpack_from(mm, 0)
+        if magic != MAGIC or hdr != HEADER_BYTES:
+            raise PeerGone(f"{name!r} is not a kvrelay export region (or is still being created)")
+        if version != VERSION:
+            raise LayoutMismatch(f"region {name!r} is version {version}, this build reads {VERSION}")
+        if fp != layout_fingerprint(layout):
+            raise LayoutMismatch(f"region {name!r} holds another KV layout than {layout.to_mapping()}")
+        if data_bytes != num_blocks * block_nbytes(layout) or data_offset + data_bytes > size:
+            raise PeerGone(f"region {name!r} has an inconsistent size")
+        return num_blocks, data_offset
+
+    def tickets_match(self, blocks: Sequence[int], ticket: int) -> bool:
+        idx = torch.as_tensor(blocks, dtype=torch.int64)
+        return bool((self.tickets.index_select(0, idx) == ticket).all())
+
+    def set_tickets(self, blocks: Sequence[int], ticket: int) -> None:
+        self.tickets[torch.as_tensor(blocks, dtype=torch.int64)] = ticket
+
+    def clear_tickets(self, blocks: Sequence[int]) -> None:
+        self.set_tickets(blocks, 0)
+
+    def close(self) -> None:
+        """Unmap; the owner also unlinks the file. Idempotent."""
+        if self._mm is None:
+            return
+        if self.owner:
+            self.tickets.zero_()  # readers still mapping it see every lease gone
+        mm, self._mm = self._mm, None
+        del self.tickets, self.data
+        try:
+            mm.close()
+        except BufferError:
+            pass  # a caller still holds a view; the mapping goes when that view does
+        if self._unlink is not None:
+            self._unlink()
+
+    @property
+    def closed(self) -> bool:
+        return self._mm is None
+
+    def __enter__(self) -> ExportRegion:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,189 @@
+"""``VllmDecodeEngine``: vLLM continues a request whose prompt KV another worker computed.
+
+The prompt submitted is the prefill's prompt plus its first token, with
+``max_tokens = sampling.max_tokens - 1``; the connector loads the prompt's KV from the
+descriptor (``kvrelay_import``), so vLLM computes only the first token's KV and samples the
+second. A failed load is recomputed by vLLM (local prefill fallback); a descriptor this
+engine cannot read at all (another host, backend or layout) is not offered to the connector:
+vLLM prefills locally from the start. Either way the stream completes and its first delta
+says how the KV got there (``kv_loaded_tokens``, ``kv_recomputed``).
+
+The import is over (loaded, recomputed, or given up) when the first delta is yielded: the
+caller may release the prefill worker's lease then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import secrets
+from collections.abc import AsyncIterator
+
+from kvrelay.logs import bound, get_logger
+from kvrelay.schemas.messages import KVDescriptor, PrefillDone
+from kvrelay.transport.kv.base import host_identity
+from kvrelay.transport.kv.region import layout_fingerprint
+from kvrelay.workers.config import DecodeConfig, EngineConfig
+from kvrelay.workers.engine import EngineInfo, EngineStats, TokenDelta
+from kvrelay.workers.errors import EngineError
+from kvrelay.workers.vllm_engine.params import IMPORT_KEY, ConnectorConfig, Notice
+from kvrelay.workers.vllm_engine.runtime import VllmRuntime, sampling_params, translate
+
+log = get_logger(__name__)
+
+NOTICE_WAIT_S = 2.0  # how long the first delta waits for the import notice (it is normally there already)
+READABLE_BACKENDS = ("shm",)
+FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+class VllmDecodeEngine:
+    def __init__(self, engine: EngineConfig, decode: DecodeConfig) -> None:
+        self.cfg = decode
+        # debug control, read per request: zero the loaded KV (output must then differ)
+        self.debug_zero_kv = decode.debug_zero_kv
+        conn = ConnectorConfig(notify_path="", transfer_timeout_s=decode.transfer_timeout_s)
+        self._rt = VllmRuntime(engine, conn, self._on_notice)
+        self.info = EngineInfo(
+            model=engine.served_model_name or engine.model,
+            block_size=engine.block_size,
+            hash_seed=engine.hash_seed,
+            layout=None,
+            backends=tuple(b for b in decode.backends if b in READABLE_BACKENDS),
+            max_model_len=engine.max_model_len,
+        )
+        self._host = host_identity()
+        self.counters: dict[str, float] = dict.fromkeys(
+            (
+                "imports",
+                "import_failures",
+                "import_blocks",
+                "import_bytes",
+                "import_ms",
+                "local_hits",
+                "unreadable",
+                "decodes",
+                "aborted",
+            ),
+            0,
+        )
+
+    async def start(self) -> None:
+        await self._rt.start()
+        self.info = dataclasses.replace(self.info, layout=self._rt.layout)
+
+    async def stop(self) -> None:
+        await self._rt.stop()
+
+    def readable(self, kv: KVDescriptor) -> bool:
+        """Whether this engine can load ``kv`` at all (else it prefills locally without trying)."""
+        return (
+            kv.backend in self.info.backends
+            and kv.host == self._host
+            and self._rt.layout is not None
+            and layout_fingerprint(kv.layout) == layout_fingerprint(self._rt.layout)
+        )
+
+    async def decode(self, done: PrefillDone) -> AsyncIterator[TokenDelta]:
+        with bound(request_id=done.request_id):
+            max_tokens = done.sampling.max_tokens - 1
+            if max_tokens < 1:
+                yield TokenDelta(token_ids=[], text="", finish_reason="length")
+                return
+            nonce = secrets.randbits(62) + 1
+            kv_params = None
+            if self.readable(done.kv) and done.kv.num_tokens == len(done.prompt_token_ids):
+                kv_params = {
+                    IMPORT_KEY: {
+                        "kv": done.kv.to_mapping(),
+                        "nonce": nonce,
+                        "debug_zero_kv": self.debug_zero_kv,
+                    }
+                }
+            else:
+                self.counters["unreadable"] += 1
+            async for delta in self._stream(done, max_tokens, kv_params, nonce):
+                yield delta
+
+    async def _stream(
+        self, done: PrefillDone, max_tokens: int, kv_params: dict | None, nonce: int
+    ) -> AsyncIterator[TokenDelta]:
+        from vllm.inputs import TokensPrompt
+
+        llm = self._rt.engine()
+        receiver = self._rt.receiver
+        key = ("import", nonce)
+        fut = receiver.expect(key) if kv_params else None
+        sp = sampling_params(done.sampling, max_tokens=max_tokens, kv_params=kv_params, delta=True)
+        prompt = TokensPrompt(prompt_token_ids=[*done.prompt_token_ids, done.first_token_id])
+        gen = llm.generate(prompt, sp, request_id=done.request_id)
+        self.counters["decodes"] += 1
+        first, finished = True, False
+        try:
+            while not finished:
+                try:
+                    out = await gen.__anext__()
+                except StopAsyncIteration:
+                    raise EngineError("vLLM ended the stream without finishing it") from None
+                except Exception as exc:
+                    raise translate(exc) from exc
+                comp = out.outputs[0]
+                finished = out.finished
+                reason = None
+                if finished:
+                    if comp.finish_reason not in FINISH:
+                        raise EngineError(f"vLLM finished with {comp.finish_reason!r}")
+                    reason = FINISH[comp.finish_reason]
+                delta = TokenDelta(token_ids=list(comp.token_ids), text=comp.text, finish_reason=reason)
+                if first:
+                    first = False
+                    delta = await self._first(delta, fut)
+                yield delta
+        finally:
+            if receiver is not None:
+                receiver.forget(key)
+            if not finished:
+                self.counters["aborted"] += 1
+            await gen.aclose()  # aborts the vLLM request unless it finished
+
+    async def _first(self, delta: TokenDelta, fut: asyncio.Future[Notice] | None) -> TokenDelta:
+        if fut is None:
+            return dataclasses.replace(delta, kv_recomputed=True)
+        try:
+            notice = await asyncio.wait_for(asyncio.shield(fut), NOTICE_WAIT_S)
+        except asyncio.TimeoutError:
+            log.warning("import_notice_missing")
+            return delta
+        if not notice.ok:
+            log.warning("kv_import_failed", code=notice.code, error=notice.error)
+            return dataclasses.replace(delta, kv_recomputed=True)
+        return dataclasses.replace(delta, kv_loaded_tokens=notice.loaded_tokens)
+
+    async def abort(self, request_id: str) -> None:
+        await self._rt.abort(request_id)
+
+    async def reset_prefix_cache(self) -> bool:
+        """Drop vLLM's prefix cache; False while any vLLM KV block is held (so: True = no leak at idle)."""
+        return await self._rt.reset_prefix_cache()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=self._rt.sched.running,
+            waiting=self._rt.sched.waiting,
+            free_kv_blocks=self._rt.free_kv_blocks,
+            kv_bytes_moved=int(self.counters["import_bytes"]),
+            extra=dict(self.counters),
+        )
+
+    def _on_notice(self, notice: Notice, matched: bool) -> None:
+        if notice.kind != "import":
+            return
+        c = self.counters
+        if not notice.ok:
+            c["import_failures"] += 1
+        elif notice.blocks:
+            c["imports"] += 1
+            c["import_blocks"] += notice.blocks
+            c["import_bytes"] += notice.nbytes
+            c["import_ms"] += notice.ms
+        else:
+            c["local_hits"] += 1

@@ -1,0 +1,45 @@
+"""Environment variables kvrelay sets for vLLM, in one place (vLLM reads them; kvrelay does not).
+
+They are set in this process before the engine starts, so vLLM's EngineCore child process
+(spawned) inherits them:
+
+- ``HF_HUB_OFFLINE=1``: models are local folders; never reach for the hub.
+- ``VLLM_ENABLE_V1_MULTIPROCESSING=0``: the model runs inside the EngineCore child (one child
+  process, not two: faster on few cores).
+- ``VLLM_WORKER_MULTIPROC_METHOD=spawn``: forking a process that holds threads and an event loop
+  is unsafe.
+- ``VLLM_NO_USAGE_STATS=1``, ``DO_NOT_TRACK=1``: no usage reporting from serving machines.
+- ``TOKENIZERS_PARALLELISM=false``: the tokenizers thread pool fights the engine for cores.
+- ``VLLM_CPU_OMP_THREADS_BIND``: ``EngineConfig.cpu_bind`` when set (cores for the engine's
+  compute threads; ``nobind`` disables binding); otherwise vLLM binds automatically.
+- ``VLLM_CPU_KVCACHE_SPACE``: removed; this legacy variable would override
+  ``EngineConfig.kv_cache_gb`` (passed to vLLM as ``kv_cache_memory_bytes``).
+
+Values already set by the operator win, except ``VLLM_CPU_KVCACHE_SPACE`` (removed) and
+``VLLM_CPU_OMP_THREADS_BIND`` when ``cpu_bind`` is configured. The variables are process-wide:
+engines in one process that need different bindings must be started one after the other.
+"""
+
+from __future__ import annotations
+
+import os
+
+VLLM_ENV: dict[str, str] = {
+    "HF_HUB_OFFLINE": "1",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+REMOVED = ("VLLM_CPU_KVCACHE_SPACE",)
+
+
+def apply(cpu_bind: str = "") -> None:
+    """Set the variables above in ``os.environ`` (call before importing or starting vLLM)."""
+    for key, value in VLLM_ENV.items():
+        os.environ.setdefault(key, value)
+    for key in REMOVED:
+        os.environ.pop(key, None)
+    if cpu_bind:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind

@@ -1,0 +1,77 @@
+"""What the engines and the connector inside vLLM tell each other.
+
+Engine -> connector, per request, through ``SamplingParams(extra_args={"kv_transfer_params": ...})``:
+
+    {"kvrelay_export": ExportParams}   prefill: copy this prompt's KV into these region blocks
+    {"kvrelay_import": ImportParams}   decode: load this prompt's KV from the descriptor
+
+Connector -> engine: the final ``RequestOutput.kv_transfer_params`` says whether an export was
+scheduled (``{"kvrelay_export": {"ticket": t, "scheduled": true}}``), and a UNIX datagram per
+engine step carries the ``Notice`` of every finished export and import (``notify.py``).
+
+Engine -> connector at start-up: ``ConnectorConfig``, as ``kv_connector_extra_config``.
+All of these are typed structs, validated on receipt (unknown keys are errors).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from kvrelay.schemas.messages import KVDescriptor, KVLayout
+from kvrelay.schemas.struct import Struct, limit, typed
+
+EXPORT_KEY = "kvrelay_export"
+IMPORT_KEY = "kvrelay_import"
+
+
+@typed
+class ConnectorConfig(Struct):
+    """``kv_connector_extra_config`` of a kvrelay engine."""
+
+    notify_path: str = limit(max_len=107)  # UNIX datagram socket of the engine's main process
+    # the export region the connector writes into (prefill side); "" = this engine exports nothing
+    region: str = limit("", max_len=128)
+    region_dir: str = limit("", max_len=4096)  # "" = /dev/shm
+    layout: KVLayout | None = None  # the layout the engine computed; checked against the real cache
+    transfer_timeout_s: float = limit(30.0, min=0.01, max=600.0)
+    # threads loading KV; loads beyond them queue (at most one per request vLLM holds)
+    load_workers: int = limit(2, min=1, max=16)
+    max_regions: int = limit(8, min=1, max=256)  # exporters' regions kept mapped at once
+    debug_zero_kv: bool = False  # zero every loaded block (control: proves the KV is transferred)
+
+
+@typed
+class ExportParams(Struct):
+    ticket: int = limit(min=1, max=(1 << 63) - 1)
+    region_blocks: list[int] = limit(max_len=1 << 16)
+    checksum: bool = False
+
+
+@typed
+class ImportParams(Struct):
+    kv: KVDescriptor
+    nonce: int = limit(min=1, max=(1 << 63) - 1)  # names this import in its Notice
+    debug_zero_kv: bool = False
+
+
+@typed
+class Notice(Struct):
+    """The outcome of one export (``ticket``) or import (``nonce``)."""
+
+    kind: Literal["export", "import"]
+    ticket: int = limit(0, min=0)
+    nonce: int = limit(0, min=0)
+    ok: bool = True
+    code: str = limit("", max_len=64)  # the KVTransferError code when not ok
+    error: str = limit("", max_len=1024)
+    blocks: int = limit(0, min=0)
+    nbytes: int = limit(0, min=0)
+    ms: float = limit(0.0, min=0.0)
+    checksum: int | None = None
+    loaded_tokens: int = limit(0, min=0)  # import: prompt tokens whose KV was loaded
+
+
+def failed(
+    kind: Literal["export", "import"], code: str, error: str, *, ticket: int = 0, nonce: int = 0
+) -> Notice:
+    return Notice(kind=kind, ticket=ticket, nonce=nonce, ok=False, code=code[:64], error=error[:1024])
