@@ -241,3 +241,5 @@ class WorkerInfo(Message):
     queued_tokens: int = limit(0, min=0)
     free_kv_blocks: int = limit(0, min=0)
     draining: bool = False
+    # the engine's context (prompt + output tokens); routers check requests against it
+    max_model_len: int = limit(0, min=0)

@@ -357,6 +357,7 @@ class DecodeService:
             started_ms=self._started_ms, heartbeat_ms=now_ms(), block_size=i.block_size,
             hash_seed=i.hash_seed, backends=list(i.backends), max_slots=self.cfg.max_slots,
             active=len(self.active), free_kv_blocks=stats.free_kv_blocks, draining=self.draining,
+            max_model_len=i.max_model_len,
         )
 
 

@@ -77,7 +77,8 @@ class PrefillService:
         self.bus = bus
         self.id = wid
         self.subjects = bus.subjects
-        self.queue = PrefillQueue(self.cfg.max_queued, self.cfg.max_queued_tokens, engine.info.block_size)
+        self.queue = PrefillQueue(self.cfg.max_queued, self.cfg.max_queued_tokens, engine.info.block_size,
+                                  engine.info.max_model_len)
         self.running: dict[str, Running] = {}
         self.draining = False
         self.dead = asyncio.Event()  # the engine died: serve() shuts down and raises
@@ -362,6 +363,7 @@ class PrefillService:
             hash_seed=i.hash_seed, backends=list(i.backends), max_slots=self.cfg.max_running,
             active=len(self.running), queued=len(self.queue), queued_tokens=self.queue.tokens,
             free_kv_blocks=stats.export_free_blocks, draining=self.draining,
+            max_model_len=i.max_model_len,
         )
 
     def _gauges(self) -> None:

@@ -39,7 +39,8 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 class PrefillQueue:
     """Accepted tasks waiting for a runner. Not thread-safe: the worker's event loop owns it."""
 
-    def __init__(self, max_tasks: int, max_tokens: int, block_size: int) -> None:
+    def __init__(self, max_tasks: int, max_tokens: int, block_size: int, max_model_len: int = 0) -> None:
+        self.max_model_len = max_model_len  # 0 = unknown: not checked here
         self.max_tasks = max_tasks
         self.max_tokens = max_tokens
         self.block_size = block_size
@@ -65,6 +66,9 @@ class PrefillQueue:
         if task.deadline_ms and task.deadline_ms <= now_ms:
             return Rejection("timeout", f"deadline passed {now_ms - task.deadline_ms} ms ago")
         n = len(task.prompt_token_ids)
+        if self.max_model_len and n + task.sampling.max_tokens > self.max_model_len:
+            return Rejection("invalid", f"prompt ({n} tokens) plus max_tokens ({task.sampling.max_tokens}) is "
+                                        f"over the model's context of {self.max_model_len} tokens")
         if len(self._items) >= self.max_tasks:
             return Rejection("overloaded", f"queue holds {len(self._items)} tasks (max {self.max_tasks})")
         if self.tokens + n > self.max_tokens and self._items:

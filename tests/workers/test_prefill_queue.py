@@ -47,3 +47,16 @@ def test_prefill_queue_no_deadline_means_none() -> None:
     q = PrefillQueue(max_tasks=1, max_tokens=10, block_size=4)
     assert q.check(_task("a", 1, deadline_ms=0), NOW, False, 100, 0) is None
     assert blocks_for(9, 4) == 3 and blocks_for(8, 4) == 2
+
+
+def test_prefill_queue_rejects_a_task_over_the_model_context_as_invalid() -> None:
+    from kvrelay.schemas import PrefillTask, SamplingSpec
+    from kvrelay.workers.prefill_queue import PrefillQueue
+
+    q = PrefillQueue(max_tasks=4, max_tokens=10_000, block_size=32, max_model_len=100)
+    task = PrefillTask(request_id="r", tenant="t", prompt_token_ids=[1] * 90, sampling=SamplingSpec(max_tokens=11),
+                       stream_subject="s.x", deadline_ms=0)
+    rej = q.check(task, now_ms=1, draining=False, export_free_blocks=100, committed_blocks=0)
+    assert rej is not None and rej.code == "invalid" and "context" in rej.reason
+    ok = task.replace(sampling=SamplingSpec(max_tokens=10))
+    assert q.check(ok, now_ms=1, draining=False, export_free_blocks=100, committed_blocks=0) is None
