@@ -146,3 +146,8 @@ def plain_vllm():
 @pytest.fixture
 def metric():
     return _metric
+
+
+@pytest.fixture(name="start_deployment", scope="session")
+def _start_deployment_fixture():
+    return start_deployment
