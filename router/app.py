@@ -1,0 +1,182 @@
+"""The router process: bus, discovery, dispatcher, NATS intake and HTTP API, wired together.
+
+``serve(cfg, stop)`` runs until ``stop`` is set (or a background task fails), then stops
+accepting, cancels and awaits every task it owns, and closes the bus. ``Router`` is the same
+thing as an object, for tests and for ``kvrelay up``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import socket
+from pathlib import Path
+
+from kvrelay.config import Config
+from kvrelay.logs import get_logger
+from kvrelay.router.dispatcher import Dispatcher, Hasher
+from kvrelay.router.http import HttpApi
+from kvrelay.router.intake import Intake
+from kvrelay.router.metrics import RouterMetrics
+from kvrelay.router.policy import Policy
+from kvrelay.router.policy_factory import kv_routing, make_policy
+from kvrelay.router.tokenizer import RouterTokenizer
+from kvrelay.transport.bus import Bus
+from kvrelay.transport.discovery import Directory
+
+log = get_logger(__name__)
+
+
+STOP_WAIT_S = 5.0
+
+
+async def cancel_and_wait(tasks: list[asyncio.Task], attempts: int = 3) -> None:
+    """Cancel ``tasks`` and wait for them to end. A task that swallowed its cancellation (nats-py
+    awaits with ``asyncio.wait_for``, which can drop one on Python 3.11) is cancelled again."""
+    pending = {t for t in tasks if not t.done()}
+    for _ in range(attempts):
+        if not pending:
+            break
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=STOP_WAIT_S)
+    for task in pending:
+        log.error("task_would_not_stop", task=task.get_name())
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            log.warning("task_failed", task=task.get_name(), error=repr(task.exception()))
+
+
+class RouterStartError(RuntimeError):
+    """The router cannot start: no model configured, or its tokenizer cannot be loaded."""
+
+
+def router_id(configured: str) -> str:
+    if configured:
+        return configured
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:40] or "host"
+    return f"router-{host}-{os.getpid()}"
+
+
+async def _model_folder(model: str) -> Path:
+    if not model:
+        raise RouterStartError("router.model is not set: give --model (smollm2, tiny or a model folder)")
+    from kvrelay.models import ModelError, resolve
+
+    try:
+        return await asyncio.to_thread(resolve, model)
+    except ModelError as exc:
+        raise RouterStartError(str(exc)) from exc
+
+
+class Router:
+    """One router. ``await start()`` (returns when the HTTP port is bound), ``await stop()``.
+
+    ``tokenizer``, ``policy`` and ``hasher`` may be given (tests share one tokenizer; the
+    KV-aware wiring passes its policy and block hasher); otherwise they come from the config.
+    The router does not own a tokenizer it was given.
+    """
+
+    def __init__(self, cfg: Config, tokenizer: RouterTokenizer | None = None, policy: Policy | None = None,
+                 hasher: Hasher | None = None) -> None:
+        self.cfg = cfg
+        self.id = router_id(cfg.router.router_id)
+        self.metrics = RouterMetrics()
+        self.tokenizer = tokenizer
+        self._own_tokenizer = tokenizer is None
+        self.index = None  # the prefix index of the kv_aware policy, fed by KV events
+        if policy is None and cfg.router.policy == "kv_aware":
+            policy, hasher, self.index = kv_routing(cfg)
+        self.policy = policy or make_policy(cfg.router.policy)
+        self.hasher = hasher
+        self.kv_events = None
+        self.bus: Bus | None = None
+        self.directory: Directory | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.intake: Intake | None = None
+        self.http: HttpApi | None = None
+        self.model_name = ""
+        self.url = ""
+        self.tasks: list[asyncio.Task] = []
+
+    async def start(self) -> str:
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self.url
+
+    async def _start(self) -> None:
+        rc = self.cfg.router
+        if self.tokenizer is None:
+            folder = await _model_folder(rc.model)
+            self.tokenizer = await RouterTokenizer.load(folder)
+        if not self.model_name:
+            from kvrelay.models import served_name
+
+            self.model_name = rc.served_model_name or served_name(self.tokenizer.folder)
+        self.bus = await Bus.connect(self.cfg.bus, self.id)
+        if self.index is not None:
+            from kvrelay.router.events import KvEventsSubscriber, KvIndexCollector
+
+            self.kv_events = KvEventsSubscriber(self.bus, self.index, self.id, rc.kv_snapshot_timeout_s)
+            await self.kv_events.start()
+            self.metrics.registry.register(KvIndexCollector(self.index, self.kv_events))
+        self.directory = Directory(self.bus)
+        self.tasks.append(asyncio.create_task(self.directory.run(), name="directory"))
+        self.dispatcher = Dispatcher(self.bus, self.directory, self.policy, rc, self.metrics, self.id, self.hasher)
+        await self.dispatcher.start()
+        if rc.intake_enabled:
+            self.intake = Intake(self.bus, self.dispatcher, self.tokenizer, rc, self.metrics, self.model_name)
+            self.tasks.append(asyncio.create_task(self.intake.run(), name="intake"))
+        self.http = HttpApi(rc, self.dispatcher, self.tokenizer, self.directory, self.metrics, self.model_name)
+        self.url = await self.http.start()
+
+    async def stop(self) -> None:
+        """Stop accepting, cancel and await every task, close the bus. Safe to call twice."""
+        if self.http is not None:
+            await self.http.stop()
+            self.http = None
+        await cancel_and_wait(self.tasks)
+        self.tasks.clear()
+        if self.dispatcher is not None:
+            await self.dispatcher.stop()
+            self.dispatcher = None
+        if self.kv_events is not None:
+            await self.kv_events.close()
+            self.kv_events = None
+        if self.bus is not None:
+            await self.bus.close()
+            self.bus = None
+        if self.tokenizer is not None and self._own_tokenizer:
+            self.tokenizer.close()
+
+    async def wait(self, stop: asyncio.Event) -> None:
+        """Until ``stop`` is set; raises if a background task ended on its own (it failed)."""
+        stopper = asyncio.create_task(stop.wait(), name="stop")
+        try:
+            done, _ = await asyncio.wait([stopper, *self.tasks], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stopper
+        for task in done:
+            if task is not stopper:
+                exc = None if task.cancelled() else task.exception()
+                raise RuntimeError(f"router task {task.get_name()} ended: {exc!r}") from exc
+
+
+async def serve(cfg: Config, stop: asyncio.Event) -> None:
+    """Run a router until ``stop`` is set."""
+    router = Router(cfg)
+    await router.start()
+    log.info("router_listening", url=router.url, model=router.model_name, router_id=router.id,
+             policy=cfg.router.policy)
+    try:
+        await router.wait(stop)
+    finally:
+        await router.stop()
+        log.info("router_stopped", router_id=router.id)

@@ -1,0 +1,335 @@
+"""The dispatcher: sends a request to a prefill worker and reads its token stream back.
+
+One ``Flight`` per request, opened by ``Dispatcher.open`` (admission: ``max_inflight``):
+
+1. ``dispatch``: subscribe to the request's stream subject *before* sending anything, pick a
+   worker with the policy among the live prefill workers (their reported load merged with
+   this router's dispatch-time counts), send the ``PrefillTask`` by request/reply and, when
+   the worker refuses (overloaded, draining) or does not answer, try the plan's fallbacks.
+   All refuse -> ``Overloaded`` (429); no live worker -> ``NoWorkersAvailable`` (503).
+2. ``next_chunk``: the ``TokenChunk``s in ``seq`` order (``ReorderBuffer``), within the
+   first-token timeout and the request's deadline (``DeadlineExceeded``); an error chunk
+   raises ``UpstreamError`` with the worker's status.
+3. ``close``: unsubscribe, release the in-flight slot, and publish ``Cancel`` on
+   ``cancel.<request>`` when the stream did not finish (client gone, deadline, error) and a
+   worker took the task or may have (it did not answer in time), so the prefill and decode
+   workers both stop. A request every worker refused is not cancelled: it may be retried.
+
+A ``Cancel`` seen on the bus for a request in flight here (a NATS client cancelling) ends its
+flight too. The flights map is bounded by ``max_inflight``: it holds exactly the requests of
+the in-flight table, each admitted by ``open`` and released by ``close``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+
+import nats.errors
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from kvrelay.logs import get_logger
+from kvrelay.router.config import RouterConfig
+from kvrelay.router.errors import (
+    BadRequest,
+    Cancelled,
+    DeadlineExceeded,
+    NoWorkersAvailable,
+    Overloaded,
+    RouterError,
+    UpstreamError,
+)
+from kvrelay.router.inflight import DuplicateRequest, InflightFull, InflightTable
+from kvrelay.router.metrics import RouterMetrics
+from kvrelay.router.policy import NoWorkers, Policy, RouteRequest, RouteResult
+from kvrelay.router.policy_factory import needs_hashes
+from kvrelay.router.reorder import ReorderBuffer
+from kvrelay.schemas.codec import decode
+from kvrelay.schemas.errors import SchemaError
+from kvrelay.schemas.messages import Cancel, DispatchReply, ErrorInfo, PrefillTask, SamplingSpec, TokenChunk
+from kvrelay.transport.bus import Bus
+from kvrelay.transport.discovery import Directory
+from kvrelay.transport.errors import BusTimeout, BusUnavailable
+
+log = get_logger(__name__)
+
+Hasher = Callable[[Sequence[int], str], Sequence[int]]
+
+
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait for ``event`` at most ``timeout`` s; True when set.
+
+    Unlike ``asyncio.wait_for`` on Python 3.11, a cancellation that lands as the event is set
+    is never swallowed (a disconnected client's request would otherwise run on).
+    """
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        done, _ = await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
+    return bool(done)
+
+
+def reraise_swallowed_cancel() -> None:
+    """nats-py awaits replies with ``asyncio.wait_for``, which on Python 3.11 drops a cancellation
+    that arrives with the reply; the task still counts it as requested: deliver it."""
+    task = asyncio.current_task()
+    if task is not None and getattr(task, "cancelling", lambda: 0)() > 0:
+        raise asyncio.CancelledError()
+
+
+class Dispatcher:
+    """Owns the in-flight table and the flights; ``start``/``stop`` its Cancel subscription."""
+
+    def __init__(self, bus: Bus, directory: Directory, policy: Policy, cfg: RouterConfig,
+                 metrics: RouterMetrics, router_id: str, hasher: Hasher | None = None) -> None:
+        self.bus, self.directory, self.policy, self.cfg = bus, directory, policy, cfg
+        self.metrics, self.router_id, self.hasher = metrics, router_id, hasher
+        self.table = InflightTable(cfg.max_inflight)
+        self.flights: dict[str, Flight] = {}
+        self._cancel_sub: Subscription | None = None
+
+    async def start(self) -> None:
+        self._cancel_sub = await self.bus.subscribe(self.bus.subjects.cancel_all, self._on_cancel)
+
+    async def stop(self) -> None:
+        for flight in list(self.flights.values()):
+            await flight.close()
+        if self._cancel_sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._cancel_sub.unsubscribe()
+            self._cancel_sub = None
+
+    def open(self, request_id: str, tenant: str, timeout_s: float, arrival_ms: int | None = None) -> Flight:
+        """Admit a request; raises Overloaded at ``max_inflight`` or BadRequest for an id in flight.
+
+        ``arrival_ms`` (epoch ms) defaults to now; the deadline is arrival plus
+        ``min(timeout_s, request_timeout_s)``.
+        """
+        try:
+            self.table.admit(request_id)
+        except InflightFull as exc:
+            raise Overloaded(f"the router is at its limit of {self.cfg.max_inflight} requests in flight; "
+                             f"retry later") from exc
+        except DuplicateRequest as exc:
+            raise BadRequest(str(exc), param="request_id") from exc
+        now_ms = int(time.time() * 1000)
+        arrival_ms = now_ms if arrival_ms is None else arrival_ms
+        budget_s = min(timeout_s, self.cfg.request_timeout_s) - max(0, now_ms - arrival_ms) / 1000
+        flight = Flight(self, request_id, tenant, budget_s, arrival_ms)
+        self.flights[request_id] = flight
+        self.metrics.inflight.set(len(self.table))
+        return flight
+
+    def _closed(self, flight: Flight) -> None:
+        self.flights.pop(flight.request_id, None)
+        self.table.release(flight.request_id)
+        self.metrics.inflight.set(len(self.table))
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        try:
+            cancel = decode(msg.data, Cancel)
+        except SchemaError:
+            return
+        flight = self.flights.get(cancel.request_id)
+        if flight is not None:
+            flight.cancelled(cancel.reason)
+
+
+class Flight:
+    """One request through this router. Not reusable; ``close()`` always (it is idempotent)."""
+
+    def __init__(self, d: Dispatcher, request_id: str, tenant: str, budget_s: float, arrival_ms: int) -> None:
+        self._d = d
+        self.request_id, self.tenant, self.arrival_ms = request_id, tenant, arrival_ms
+        self.started = time.monotonic()
+        self.deadline = self.started + budget_s
+        self.deadline_ms = int(time.time() * 1000 + budget_s * 1000)
+        self.worker = ""
+        self.prompt_tokens = 0
+        self.first_token_at: float | None = None
+        self.finished = False
+        self.closed = False
+        self._buffer = ReorderBuffer(d.cfg.max_buffered_chunks)
+        self._wake = asyncio.Event()
+        self._failure: RouterError | None = None
+        self._sub: Subscription | None = None
+        self._maybe_taken = False  # a worker may hold the task (it took it, or did not answer)
+        self._first_deadline = self.deadline
+        self._last_chunk_at = 0.0
+
+    @property
+    def maybe_taken(self) -> bool:
+        """A worker holds the task or may hold it (it took it, or did not answer in time)."""
+        return self._maybe_taken
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    @property
+    def next_seq(self) -> int:
+        return self._buffer.next_seq
+
+    # --- dispatch ---------------------------------------------------------------------------------
+    async def dispatch(self, token_ids: list[int], sampling: SamplingSpec, stream_subject: str) -> str:
+        """Send the task to a prefill worker; returns the worker that took it."""
+        d = self._d
+        if self.remaining() <= 0:
+            raise DeadlineExceeded("the request's deadline passed before it was dispatched")
+        self.prompt_tokens = len(token_ids)
+        self._sub = await d.bus.subscribe(stream_subject, self._on_chunk)
+        infos = d.directory.live("prefill")
+        views = d.table.views(infos)
+        if not views:
+            raise NoWorkersAvailable("no prefill worker is available", retry_after_s=1.0)
+        hashes = d.hasher(token_ids, self.tenant) if d.hasher and needs_hashes(d.policy) else None
+        request = RouteRequest(self.request_id, self.tenant, len(token_ids), block_hashes=hashes)
+        try:
+            plan = d.policy.decide(request, views)
+        except NoWorkers as exc:
+            raise NoWorkersAvailable(str(exc), retry_after_s=1.0) from exc
+        task = PrefillTask(
+            request_id=self.request_id, tenant=self.tenant, prompt_token_ids=token_ids, sampling=sampling,
+            stream_subject=stream_subject, deadline_ms=self.deadline_ms, router_id=d.router_id,
+            arrival_ms=self.arrival_ms,
+        )
+        block_size = {i.worker_id: i.block_size for i in infos}
+        refusals = []
+        for wid in (plan.worker_id, *plan.fallbacks):
+            if self.remaining() <= 0:
+                raise DeadlineExceeded("the request's deadline passed while prefill workers refused it")
+            cached = plan.cached_blocks * block_size.get(wid, 0) if wid == plan.worker_id else 0
+            d.table.assign(self.request_id, wid, len(token_ids) - cached)
+            d.policy.update(RouteResult(self.request_id, wid, "dispatched", len(token_ids), cached))
+            reason = await self._try(wid, task)
+            if reason is None:
+                self.worker = wid
+                self._first_deadline = min(self.deadline, time.monotonic() + d.cfg.first_token_timeout_s)
+                return wid
+            d.table.unassign(self.request_id)
+            d.policy.update(RouteResult(self.request_id, wid, "rejected"))
+            d.metrics.dispatch_rejections.labels(reason).inc()
+            refusals.append(reason)
+        raise Overloaded(f"all prefill workers are busy ({len(refusals)} tried: {', '.join(refusals)})")
+
+    async def _try(self, worker_id: str, task: PrefillTask) -> str | None:
+        """None when ``worker_id`` took the task, else why not."""
+        d = self._d
+        timeout = max(0.01, min(d.cfg.dispatch_timeout_s, self.remaining()))
+        before, self._maybe_taken = self._maybe_taken, True  # cancelled mid-request: it may have it
+        try:
+            reply = await d.bus.request(d.bus.subjects.prefill(worker_id), task, DispatchReply, timeout=timeout)
+        except BusUnavailable:
+            self._maybe_taken = before
+            return "unreachable"
+        except BusTimeout:
+            return "timeout"
+        except (SchemaError, ValueError) as exc:
+            log.warning("bad_dispatch_reply", worker=worker_id, error=str(exc))
+            return "bad_reply"
+        finally:
+            reraise_swallowed_cancel()
+        if reply.accepted:
+            return None
+        self._maybe_taken = before
+        if reply.code == "invalid":
+            raise BadRequest(f"the prefill worker refused the request: {reply.reason}")
+        log.info("dispatch_refused", request_id=self.request_id, worker=worker_id, code=reply.code,
+                 reason=reply.reason)
+        return reply.code or "rejected"
+
+    # --- the token stream -------------------------------------------------------------------------
+    async def _on_chunk(self, msg: Msg) -> None:
+        metrics = self._d.metrics
+        try:
+            chunk = decode(msg.data, TokenChunk)
+        except SchemaError as exc:
+            metrics.chunks_dropped.labels("undecodable").inc()
+            log.warning("bad_token_chunk", request_id=self.request_id, error=str(exc))
+            return
+        if chunk.request_id != self.request_id:
+            metrics.chunks_dropped.labels("foreign").inc()
+            return
+        result = self._buffer.push(chunk)
+        if result == "overflow":
+            self._fail(RouterError(f"more than {self._buffer.capacity} token chunks could not be put in order"))
+        elif result != "ok":
+            metrics.chunks_dropped.labels(result).inc()
+        self._wake.set()
+
+    def _fail(self, error: RouterError) -> None:
+        if self._failure is None:
+            self._failure = error
+        self._wake.set()
+
+    def cancelled(self, reason: str) -> None:
+        """A Cancel for this request was seen on the bus."""
+        self._fail(Cancelled(f"the request was cancelled: {reason}"))
+
+    async def next_chunk(self) -> TokenChunk:
+        """The next chunk in order. Raises DeadlineExceeded, UpstreamError or Cancelled."""
+        while True:
+            self._wake.clear()
+            chunk = self._buffer.pop()
+            if chunk is not None:
+                self._arrived(chunk)
+                return chunk
+            if self._failure is not None:
+                raise self._failure
+            if self.finished:
+                raise RouterError("the stream already ended")
+            limit = self._first_deadline if self.first_token_at is None else self.deadline
+            wait = limit - time.monotonic()
+            if wait <= 0:
+                raise self._timeout_error()
+            await wait_event(self._wake, wait)
+
+    def _timeout_error(self) -> DeadlineExceeded:
+        if self.first_token_at is None and self._first_deadline < self.deadline:
+            return DeadlineExceeded(f"no first token within {self._d.cfg.first_token_timeout_s:g} s")
+        return DeadlineExceeded(f"the request did not finish within its deadline of "
+                                f"{self.deadline - self.started:.3g} s")
+
+    def _arrived(self, chunk: TokenChunk) -> None:
+        d, now = self._d, time.monotonic()
+        if self.first_token_at is None:
+            self.first_token_at = now
+            d.metrics.ttft.observe(now - self.started)
+            d.table.prefill_done(self.request_id)
+            d.policy.update(RouteResult(self.request_id, self.worker, "finished"))
+        else:
+            d.metrics.inter_token.observe(now - self._last_chunk_at)
+        self._last_chunk_at = now
+        if chunk.finish_reason is None:
+            return
+        self.finished = True
+        d.table.unassign(self.request_id)  # no longer load on its worker; the slot frees at close()
+        if chunk.finish_reason in ("error", "abort"):
+            info = chunk.error or ErrorInfo(code="aborted", message="the worker aborted the request", status=500)
+            d.policy.update(RouteResult(self.request_id, self.worker, "failed"))
+            raise UpstreamError(info)
+        d.metrics.e2e.observe(now - self.started)
+
+    # --- the end ----------------------------------------------------------------------------------
+    async def close(self, reason: str = "cancelled", cancel: bool = True) -> None:
+        """Unsubscribe, release the slot, and (unless ``cancel`` is false) Cancel the request on
+        the bus if it did not finish and a worker holds or may hold it."""
+        if self.closed:
+            return
+        self.closed = True
+        d = self._d
+        if not self.finished and self.worker:
+            d.policy.update(RouteResult(self.request_id, self.worker, "failed"))
+        d._closed(self)
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error, BusUnavailable):
+                await self._sub.unsubscribe()
+        if cancel and not self.finished and self._maybe_taken:
+            try:
+                await d.bus.publish(d.bus.subjects.cancel(self.request_id),
+                                    Cancel(request_id=self.request_id, reason=reason[:256]))
+            except BusUnavailable as exc:
+                log.warning("cancel_publish_failed", request_id=self.request_id, error=str(exc))

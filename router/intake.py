@@ -1,0 +1,269 @@
+"""The NATS intake: requests from pub/sub clients, through a bounded JetStream work queue.
+
+Clients publish a ``ClientRequest`` with JetStream publish on ``kvrelay.<ns>.req.<tenant>``.
+The stream (``bus.ensure_request_stream``) is bounded with ``discard=new``: a client
+publishing into a full stream gets a JetStream error, which is the push back. Router replicas
+share one durable pull consumer (``router``) and fetch only while they have room (at most
+``intake_max_inflight`` requests each, from fetch to the request's last token).
+
+Per message: undecodable or invalid -> an error ``TokenChunk`` (status 400) on the
+``stream_subject`` when one can be recovered, ``term()``, counted. Valid -> tokenize and
+dispatch with the client's ``stream_subject`` (the workers publish tokens straight to it),
+``ack()``, then follow the stream to track completion and enforce the deadline: past it the
+router publishes a final error chunk (code ``timeout``) to the client and a ``Cancel``.
+No worker free (every worker refused, or none is live) -> ``nak`` with
+``intake_retry_delay_s`` so the request waits in the stream, until its deadline; then an error
+chunk. (When a worker did not answer in time it may run the task, so the request is cancelled
+and failed with 429 instead of being retried: it never runs twice.) Other errors -> an
+error chunk with the HTTP status they map to, ``term()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import msgpack
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from kvrelay.logs import bound, get_logger
+from kvrelay.router.config import RouterConfig
+from kvrelay.router.dispatcher import Dispatcher, Flight, reraise_swallowed_cancel
+from kvrelay.router.errors import (
+    BadRequest,
+    DeadlineExceeded,
+    ModelNotFound,
+    NoWorkersAvailable,
+    Overloaded,
+    RouterError,
+)
+from kvrelay.router.metrics import RouterMetrics
+from kvrelay.router.openai_api import fit_lengths
+from kvrelay.router.tokenizer import RouterTokenizer
+from kvrelay.schemas.codec import decode
+from kvrelay.schemas.errors import SchemaError
+from kvrelay.schemas.messages import MAX_ID_LEN, ClientRequest, TokenChunk
+from kvrelay.transport.bus import Bus
+from kvrelay.transport.errors import BusUnavailable
+from kvrelay.transport.subjects import check_subject, check_token
+
+log = get_logger(__name__)
+
+FETCH_TIMEOUT_S = 1.0
+ERROR_BACKOFF_S = 1.0
+
+
+class Intake:
+    """Consumes the request stream until cancelled; owns (cancels and awaits) its request tasks."""
+
+    def __init__(self, bus: Bus, dispatcher: Dispatcher, tokenizer: RouterTokenizer, cfg: RouterConfig,
+                 metrics: RouterMetrics, model_name: str) -> None:
+        self.bus, self.dispatcher, self.tokenizer = bus, dispatcher, tokenizer
+        self.cfg, self.metrics, self.model_name = cfg, metrics, model_name
+        self._tasks: set[asyncio.Task] = set()
+        self.ready = asyncio.Event()  # set once the stream and consumer exist
+        self.fetch_timeout_s = FETCH_TIMEOUT_S
+        self.idle_fetches = 0  # fetches that found nothing (the loop is alive)
+
+    async def run(self) -> None:
+        await self.bus.ensure_request_stream()
+        psub = await self._subscribe()
+        self.ready.set()
+        try:
+            while True:
+                room = self.cfg.intake_max_inflight - len(self._tasks)
+                if room <= 0:
+                    await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                msgs = await self._fetch(psub, room)
+                for msg in msgs:
+                    task = asyncio.create_task(self._guarded(msg))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            with contextlib.suppress(nats.errors.Error):
+                await psub.unsubscribe()
+
+    async def _fetch(self, psub, room: int) -> list[Msg]:  # noqa: ANN001 - nats' PullSubscription
+        """Up to ``room`` requests; [] when none came within ``fetch_timeout_s``."""
+        try:
+            return await psub.fetch(room, timeout=self.fetch_timeout_s)
+        except asyncio.TimeoutError:  # nats raises its own subclass or the plain one, by path
+            self.idle_fetches += 1
+            return []
+        except nats.errors.Error as exc:
+            log.warning("intake_fetch_failed", error=repr(exc))
+            await asyncio.sleep(ERROR_BACKOFF_S)  # back off before fetching again
+            return []
+        finally:
+            reraise_swallowed_cancel()  # nats' wait_for can drop our cancellation
+
+    async def _subscribe(self):  # noqa: ANN202 - nats' JetStreamContext.PullSubscription
+        s = self.bus.subjects
+        config = ConsumerConfig(durable_name=s.consumer_router, ack_policy=AckPolicy.EXPLICIT,
+                                ack_wait=self.cfg.intake_ack_wait_s, filter_subject=s.request_all,
+                                max_ack_pending=-1)
+        try:
+            return await self.bus.js.pull_subscribe(s.request_all, durable=s.consumer_router,
+                                                    stream=s.stream_requests, config=config)
+        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            raise BusUnavailable(f"cannot consume the request stream: {exc!r}") from exc
+
+    async def _guarded(self, msg: Msg) -> None:
+        try:
+            await self._handle(msg)
+        except (nats.errors.Error, BusUnavailable) as exc:
+            log.warning("intake_request_failed", error=repr(exc))
+        except Exception:
+            log.exception("intake_request_crashed")
+
+    # --- one message --------------------------------------------------------------------------------
+    async def _handle(self, msg: Msg) -> None:
+        tenant = msg.subject.rsplit(".", 1)[-1]
+        arrival_ms = _arrival_ms(msg)
+        try:
+            req = self._decode(msg.data, tenant)
+        except RouterError as exc:
+            self.metrics.intake_invalid.inc()
+            self.metrics.requests.labels("nats", exc.code).inc()
+            subject, rid = recover_reply_to(msg.data, self.bus.subjects.root)
+            log.info("intake_invalid", error=exc.message, stream_subject=subject)
+            if subject:
+                await self._send_error(subject, rid, 0, exc)
+            await msg.term()
+            return
+        with bound(request_id=req.request_id):
+            await self._serve(msg, req, tenant, arrival_ms)
+
+    def _decode(self, data: bytes, tenant: str) -> ClientRequest:
+        try:
+            req = decode(data, ClientRequest)
+            check_token(tenant, "tenant")
+            check_token(req.request_id, "request_id")
+            check_reply_subject(req.stream_subject, self.bus.subjects.root)
+        except (SchemaError, ValueError) as exc:
+            raise BadRequest(str(exc)) from exc
+        if req.model and req.model != self.model_name:
+            raise ModelNotFound(f"the model {req.model!r} does not exist; this server serves {self.model_name!r}")
+        return req
+
+    async def _serve(self, msg: Msg, req: ClientRequest, tenant: str, arrival_ms: int) -> None:
+        try:
+            flight = self.dispatcher.open(req.request_id, tenant, req.timeout_s, arrival_ms)
+        except Overloaded as exc:
+            await self._requeue_or_fail(msg, req, arrival_ms, exc)
+            return
+        except RouterError as exc:
+            await self._fail(msg, req, exc)
+            return
+        try:
+            try:
+                await self._dispatch(flight, req)
+            except (Overloaded, NoWorkersAvailable) as exc:
+                if flight.maybe_taken:  # a worker that did not answer may run it: never run it twice
+                    await flight.close(exc.code)
+                    await self._fail(msg, req, exc)
+                    return
+                await flight.close(exc.code, cancel=False)
+                await self._requeue_or_fail(msg, req, arrival_ms, exc)
+                return
+            except RouterError as exc:
+                await flight.close(exc.code)
+                await self._fail(msg, req, exc)
+                return
+            await msg.ack()
+            try:
+                await self._follow(flight, req)
+            except asyncio.CancelledError:
+                await flight.close(cancel=False)  # the router stops; the workers still serve the client
+                raise
+        finally:
+            await flight.close()
+
+    async def _dispatch(self, flight: Flight, req: ClientRequest) -> None:
+        if req.messages is not None:
+            ids = await self.tokenizer.encode_chat([{"role": m.role, "content": m.content} for m in req.messages])
+        elif req.prompt is not None:
+            ids = await self.tokenizer.encode_prompt(req.prompt)
+        else:
+            ids = req.prompt_token_ids or []
+            if any(t < 0 or t >= self.tokenizer.vocab_size for t in ids):
+                raise BadRequest(f"prompt_token_ids must be in [0, {self.tokenizer.vocab_size})")
+        max_tokens = fit_lengths(len(ids), req.sampling.max_tokens, self.tokenizer.max_context,
+                                 self.cfg.max_prompt_tokens, self.cfg.default_max_tokens)
+        await flight.dispatch(ids, req.sampling.replace(max_tokens=max_tokens), req.stream_subject)
+
+    async def _follow(self, flight: Flight, req: ClientRequest) -> None:
+        """Read the stream the client gets, to its end or its deadline."""
+        outcome = "ok"
+        try:
+            while (await flight.next_chunk()).finish_reason is None:
+                pass
+        except DeadlineExceeded as exc:
+            outcome = exc.code
+            await flight.close("timeout")
+            await self._send_error(req.stream_subject, req.request_id, flight.next_seq, exc)
+        except RouterError as exc:  # the worker's error chunk went to the client already
+            outcome = exc.code
+        self.metrics.requests.labels("nats", outcome).inc()
+
+    async def _requeue_or_fail(self, msg: Msg, req: ClientRequest, arrival_ms: int, exc: RouterError) -> None:
+        delay = self.cfg.intake_retry_delay_s
+        deadline_ms = arrival_ms + 1000 * min(req.timeout_s, self.cfg.request_timeout_s)
+        if time.time() * 1000 + delay * 1000 < deadline_ms:
+            self.metrics.intake_requeued.inc()
+            await msg.nak(delay=delay)
+            return
+        await self._fail(msg, req, exc)
+
+    async def _fail(self, msg: Msg, req: ClientRequest, exc: RouterError) -> None:
+        self.metrics.requests.labels("nats", exc.code).inc()
+        await self._send_error(req.stream_subject, req.request_id, 0, exc)
+        await msg.term()
+
+    async def _send_error(self, subject: str, request_id: str, seq: int, exc: RouterError) -> None:
+        chunk = TokenChunk(request_id=request_id, seq=seq, finish_reason="error", error=exc.info(),
+                           sent_ms=int(time.time() * 1000))
+        try:
+            await self.bus.publish(subject, chunk)
+        except BusUnavailable as err:
+            log.warning("error_chunk_failed", subject=subject, error=str(err))
+
+
+def check_reply_subject(subject: str, root: str) -> str:
+    """A client's stream subject: a plain subject, and none of kvrelay's own except ``tokens.*``."""
+    check_subject(subject, "stream_subject")
+    if subject.startswith("kvrelay.") and not subject.startswith(f"{root}.tokens."):
+        raise ValueError(f"stream_subject {subject!r} is reserved: use {root}.tokens.<id> or a subject "
+                         f"outside kvrelay.*")
+    return subject
+
+
+def recover_reply_to(data: bytes, root: str) -> tuple[str, str]:
+    """(stream_subject, request_id) from a message that failed validation, when they are sound."""
+    try:
+        env = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except (ValueError, TypeError, RecursionError):
+        return "", ""
+    body = env.get("b") if isinstance(env, dict) else None
+    if not isinstance(body, dict):
+        return "", ""
+    subject, rid = body.get("stream_subject"), body.get("request_id")
+    try:
+        check_reply_subject(subject, root)  # type: ignore[arg-type]
+    except ValueError:
+        return "", ""
+    return subject, rid if isinstance(rid, str) and len(rid) <= MAX_ID_LEN else ""
+
+
+def _arrival_ms(msg: Msg) -> int:
+    """When the client published (the stream's timestamp), else now."""
+    with contextlib.suppress(nats.errors.Error, ValueError, AttributeError, OverflowError):
+        return int(msg.metadata.timestamp.timestamp() * 1000)
+    return int(time.time() * 1000)

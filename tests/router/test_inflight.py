@@ -1,0 +1,84 @@
+"""InflightTable: admission bound, load counted at dispatch time, merged into worker views."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvrelay.router.inflight import DuplicateRequest, InflightFull, InflightTable
+from kvrelay.router.policy import LeastLoaded, RouteRequest
+from kvrelay.schemas.messages import WorkerInfo
+
+
+def _info(wid: str, queued_tokens: int = 0, draining: bool = False) -> WorkerInfo:
+    return WorkerInfo(worker_id=wid, role="prefill", model="m", host="h", block_size=32,
+                      queued_tokens=queued_tokens, draining=draining)
+
+
+def test_inflight_admit_is_bounded_and_rejects_duplicates() -> None:
+    t = InflightTable(2)
+    t.admit("a")
+    with pytest.raises(DuplicateRequest):
+        t.admit("a")
+    t.admit("b")
+    with pytest.raises(InflightFull):
+        t.admit("c")
+    t.release("a")
+    t.admit("c")
+    assert len(t) == 2
+
+
+def test_inflight_counts_load_when_assigned_not_when_finished() -> None:
+    t = InflightTable(8)
+    t.admit("r1")
+    t.assign("r1", "w1", 100)
+    assert t.load("w1") == (1, 100)
+    t.admit("r2")
+    t.assign("r2", "w1", 50)
+    assert t.load("w1") == (2, 150)
+
+
+def test_inflight_assign_moves_the_count_to_the_fallback_worker() -> None:
+    t = InflightTable(8)
+    t.admit("r")
+    t.assign("r", "w1", 100)
+    t.unassign("r")
+    assert t.load("w1") == (0, 0)
+    t.assign("r", "w2", 100)
+    t.assign("r", "w3", 100)  # assign again without unassign: moved, never counted twice
+    assert t.load("w2") == (0, 0)
+    assert t.load("w3") == (1, 100)
+
+
+def test_inflight_prefill_done_frees_tokens_and_release_frees_the_request() -> None:
+    t = InflightTable(8)
+    t.admit("r")
+    t.assign("r", "w1", 100)
+    t.prefill_done("r")
+    assert t.load("w1") == (1, 0)
+    assert t.release("r") == "w1"
+    assert t.load("w1") == (0, 0)
+    assert t.release("r") == ""  # idempotent
+    t.prefill_done("r")
+    t.assign("r", "w1", 5)  # unknown request: ignored
+    assert t.load("w1") == (0, 0) and len(t) == 0
+
+
+def test_inflight_views_merge_reported_load_and_skip_draining_workers() -> None:
+    t = InflightTable(8)
+    t.admit("r")
+    t.assign("r", "w1", 40)
+    views = t.views([_info("w1", queued_tokens=10), _info("w2"), _info("w3", draining=True)])
+    assert [(v.worker_id, v.queued_tokens, v.inflight, v.inflight_tokens) for v in views] == [
+        ("w1", 10, 1, 40), ("w2", 0, 0, 0)]
+
+
+def test_inflight_dispatch_time_counts_spread_a_burst_across_workers() -> None:
+    """Nothing finishes during a burst: counting at dispatch time still spreads it evenly."""
+    t, policy = InflightTable(16), LeastLoaded(seed=3)
+    infos = [_info("w1"), _info("w2"), _info("w3")]
+    for i in range(9):
+        rid = f"r{i}"
+        t.admit(rid)
+        plan = policy.decide(RouteRequest(rid, "default", 64), t.views(infos))
+        t.assign(rid, plan.worker_id, 64)
+    assert [t.load(w.worker_id) for w in infos] == [(3, 192)] * 3
