@@ -103,6 +103,16 @@ class Dispatcher:
                 await self._cancel_sub.unsubscribe()
             self._cancel_sub = None
 
+    def max_context(self, fallback: int | None) -> int | None:
+        """The smallest context (prompt + output tokens) any live prefill or decode worker serves.
+
+        Workers advertise their engine's ``max_model_len``; the model's own limit is the fallback.
+        """
+        sizes = [w.max_model_len for w in self.directory.live() if w.max_model_len > 0]
+        if fallback:
+            sizes.append(fallback)
+        return min(sizes) if sizes else None
+
     def open(self, request_id: str, tenant: str, timeout_s: float, arrival_ms: int | None = None) -> Flight:
         """Admit a request; raises Overloaded at ``max_inflight`` or BadRequest for an id in flight.
 

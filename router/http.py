@@ -106,7 +106,7 @@ class HttpApi:
     # --- small endpoints ------------------------------------------------------------------------------
     async def _models(self, request: web.Request) -> web.Response:
         card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "kvrelay",
-                "max_model_len": self.tokenizer.max_context}
+                "max_model_len": self.dispatcher.max_context(self.tokenizer.max_context)}
         return web.json_response({"object": "list", "data": [card]})
 
     async def _health(self, request: web.Request) -> web.Response:
@@ -205,7 +205,8 @@ class HttpApi:
     async def _run(self, request: web.Request, parsed: ParsedRequest, flight: Flight
                    ) -> tuple[web.StreamResponse, str]:
         ids = await self._tokens(parsed)
-        sampling = parsed.sampling(len(ids), self.tokenizer.max_context, self.cfg.max_prompt_tokens,
+        max_context = self.dispatcher.max_context(self.tokenizer.max_context)
+        sampling = parsed.sampling(len(ids), max_context, self.cfg.max_prompt_tokens,
                                    self.cfg.default_max_tokens)
         await flight.dispatch(ids, sampling, self.dispatcher.bus.subjects.tokens(flight.request_id))
         first = await flight.next_chunk()  # errors before any output keep their HTTP status

@@ -195,7 +195,8 @@ class Intake:
             ids = req.prompt_token_ids or []
             if any(t < 0 or t >= self.tokenizer.vocab_size for t in ids):
                 raise BadRequest(f"prompt_token_ids must be in [0, {self.tokenizer.vocab_size})")
-        max_tokens = fit_lengths(len(ids), req.sampling.max_tokens, self.tokenizer.max_context,
+        max_tokens = fit_lengths(len(ids), req.sampling.max_tokens,
+                                 self.dispatcher.max_context(self.tokenizer.max_context),
                                  self.cfg.max_prompt_tokens, self.cfg.default_max_tokens)
         await flight.dispatch(ids, req.sampling.replace(max_tokens=max_tokens), req.stream_subject)
 

@@ -159,3 +159,24 @@ async def test_dispatcher_kv_aware_routes_to_the_worker_holding_the_prefix(clust
     for i in range(3):  # every time: the cache hit beats an idle worker without it
         await _run(router, f"r{i}", ids=prompt)
     assert [len(w.tasks) for w in workers] == [0, 3]
+
+
+def test_dispatcher_max_context_is_the_smallest_advertised_by_live_workers() -> None:
+    from kvrelay.router.dispatcher import Dispatcher
+    from kvrelay.schemas import WorkerInfo, encode
+    from kvrelay.transport.config import BusConfig
+    from kvrelay.transport.discovery import Directory
+
+    class FakeBus:
+        cfg = BusConfig()
+
+    directory = Directory(FakeBus())  # type: ignore[arg-type]
+    d = Dispatcher.__new__(Dispatcher)  # only the directory is used here
+    d.directory = directory
+    assert d.max_context(8192) == 8192
+    assert d.max_context(None) is None
+    for wid, role, n in (("p", "prefill", 2048), ("d", "decode", 4096), ("x", "decode", 0)):
+        directory.apply(wid, encode(WorkerInfo(worker_id=wid, role=role, model="m", host="h", block_size=32,
+                                               max_model_len=n)))
+    assert d.max_context(8192) == 2048
+    assert d.max_context(None) == 2048
