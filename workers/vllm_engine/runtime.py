@@ -88,6 +88,7 @@ class VllmRuntime:
         self.layout: KVLayout | None = None
         self.num_blocks = 0
         self.sched = SchedStats()
+        self.kv_events_config: dict[str, Any] | None = None  # vLLM KVEventsConfig fields (kv_events.py)
 
     async def start(self, before_engine: Callable[[KVLayout], None] | None = None) -> None:
         env.apply(self.cfg.cpu_bind)
@@ -117,6 +118,11 @@ class VllmRuntime:
         from vllm.engine.arg_utils import AsyncEngineArgs
 
         c = self.cfg
+        extra: dict[str, Any] = {}
+        if self.kv_events_config is not None:
+            from vllm.config import KVEventsConfig
+
+            extra["kv_events_config"] = KVEventsConfig(**self.kv_events_config)
         args = AsyncEngineArgs(
             model=c.model,
             served_model_name=c.served_model_name or None,
@@ -124,7 +130,7 @@ class VllmRuntime:
             max_model_len=c.max_model_len,
             max_num_seqs=c.max_num_seqs,
             kv_cache_memory_bytes=int(c.kv_cache_gb * GIB),
-            dtype=c.dtype,
+            dtype=env.resolve_dtype(c.dtype),
             enforce_eager=c.enforce_eager,
             seed=c.seed,
             enable_prefix_caching=c.enable_prefix_caching,
@@ -135,6 +141,7 @@ class VllmRuntime:
                 "kv_load_failure_policy": "recompute",
                 "kv_connector_extra_config": self._connector,
             },
+            **extra,
         )
         return args.create_engine_config()
 
