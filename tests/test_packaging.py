@@ -16,14 +16,19 @@ FOLDERS = {"kvrelay": "kvrelay", "schemas": "kvrelay/schemas", "transport": "kvr
 
 
 @pytest.fixture(scope="module")
-def wheel_names(tmp_path_factory) -> set[str]:
+def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
         check=True, capture_output=True, timeout=300,
     )
     (whl,) = out.glob("kvrelay-*.whl")
-    with zipfile.ZipFile(whl) as zf:
+    return whl
+
+
+@pytest.fixture(scope="module")
+def wheel_names(wheel: Path) -> set[str]:
+    with zipfile.ZipFile(wheel) as zf:
         return set(zf.namelist())
 
 
@@ -43,3 +48,20 @@ def test_packaging_wheel_has_no_bare_top_level_component(wheel_names: set[str]) 
 
 def test_packaging_console_script_is_declared(wheel_names: set[str]) -> None:
     assert any(n.endswith("entry_points.txt") for n in wheel_names)
+
+
+def test_packaging_normal_install_imports_every_component(wheel: Path, tmp_path) -> None:
+    """A plain (non-editable) install of the wheel serves `kvrelay.*` on its own, no source tree needed."""
+    import sysconfig
+
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    # -S: no .pth files, so the editable finder of the development install is not active
+    env = {"PYTHONPATH": f"{target}:{sysconfig.get_path('purelib')}", "PATH": "/usr/bin:/bin"}
+    code = ("import kvrelay.schemas, kvrelay.transport.subjects, kvrelay.router.policy, kvrelay.workers.engine, "
+            "kvrelay.kernels, kvrelay.loadtest.workloads, kvrelay.config; import kvrelay; print(kvrelay.__file__)")
+    out = subprocess.run([sys.executable, "-S", "-P", "-c", code], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().startswith(str(target))
