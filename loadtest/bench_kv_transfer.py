@@ -80,7 +80,7 @@ async def _one(
     p.release(out.kv.ticket)
     assert first.kv_loaded_tokens == len(prompt), "the KV was not imported"
     local = done.replace(
-        request_id=task.request_id + "-local", prompt_token_ids=other, kv=out.kv.replace(host="-")
+        request_id=task.request_id + "-local", prompt_token_ids=other, kv=out.kv.replace(host="-", fallbacks=[])
     )
     local_ttft, first = await _ttft(d, local)
     assert first.kv_recomputed

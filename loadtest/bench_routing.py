@@ -36,7 +36,7 @@ import platform
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -195,9 +195,6 @@ class Cluster:
         if rid not in self.table:
             self.table.admit(rid)
         views = self.table.views(self.infos.values())
-        if self.name == "oracle":  # Oracle.decide takes the overlap from the views: give it the truth
-            views = [replace(v, cached_blocks=self.workers[v.worker_id].blocks.cached_blocks(job.hashes))
-                     for v in views]
         t0 = time.perf_counter()
         plan = self.policy.decide(request, views)
         self.decide_s.append(time.perf_counter() - t0)

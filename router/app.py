@@ -92,6 +92,7 @@ class Router:
         self.policy = policy or make_policy(cfg.router.policy)
         self.hasher = hasher
         self.kv_events = None
+        self.shared_inflight = None
         self.bus: Bus | None = None
         self.directory: Directory | None = None
         self.dispatcher: Dispatcher | None = None
@@ -129,6 +130,12 @@ class Router:
         self.tasks.append(asyncio.create_task(self.directory.run(), name="directory"))
         self.dispatcher = Dispatcher(self.bus, self.directory, self.policy, rc, self.metrics, self.id, self.hasher)
         await self.dispatcher.start()
+        if rc.share_inflight:
+            from kvrelay.router.shared_inflight import SharedInflight
+
+            self.shared_inflight = SharedInflight(self.bus, self.dispatcher.table, self.id,
+                                                  rc.request_timeout_s)
+            await self.shared_inflight.start()
         if rc.intake_enabled:
             self.intake = Intake(self.bus, self.dispatcher, self.tokenizer, rc, self.metrics, self.model_name)
             self.tasks.append(asyncio.create_task(self.intake.run(), name="intake"))
@@ -145,6 +152,9 @@ class Router:
         if self.dispatcher is not None:
             await self.dispatcher.stop()
             self.dispatcher = None
+        if self.shared_inflight is not None:
+            await self.shared_inflight.close()
+            self.shared_inflight = None
         if self.kv_events is not None:
             await self.kv_events.close()
             self.kv_events = None

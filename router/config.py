@@ -10,6 +10,8 @@ from kvrelay.schemas.struct import Struct, limit, typed
 @typed
 class RouterConfig(Struct):
     router_id: str = limit("", max_len=64)  # "" = generated from host and pid
+    # publish dispatch-time load to other router replicas and count theirs (router/shared_inflight.py)
+    share_inflight: bool = True
     http_host: str = limit("127.0.0.1", max_len=256)
     http_port: int = limit(8000, min=0, max=65535)
     # the tokenizer (and chat template) of the served model: a model folder

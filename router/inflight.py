@@ -9,8 +9,9 @@ held until its owner closes it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from kvrelay.router.policy import WorkerView
 from kvrelay.schemas.messages import WorkerInfo
@@ -42,6 +43,10 @@ class InflightTable:
     Bounded: at most ``capacity`` requests; ``admit`` past it raises ``InflightFull`` (the
     caller answers 429). Per-worker loads exist only for workers with requests in flight.
     Every method is idempotent for a request that is not (or no longer) in the table.
+
+    Shared with other routers (``router/shared_inflight.py``): ``listener(kind, request_id,
+    worker, tokens)`` hears every change ("dispatched", "prefill_done", "released"), and
+    ``remote`` (other routers' loads, ``.load(worker)`` and ``.expire()``) is added in ``views``.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -50,6 +55,8 @@ class InflightTable:
         self.capacity = capacity
         self._entries: dict[str, _Entry] = {}
         self._loads: dict[str, _Load] = {}
+        self.listener: Callable[[str, str, str, int], None] | None = None
+        self.remote: Any = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -69,17 +76,19 @@ class InflightTable:
         entry = self._entries.get(request_id)
         if entry is None:
             return
-        self._unassign(entry)
+        self._unassign(entry, request_id)
         entry.worker, entry.tokens = worker_id, max(0, tokens)
         load = self._loads.setdefault(worker_id, _Load())
         load.inflight += 1
         load.tokens += entry.tokens
+        if self.listener is not None:
+            self.listener("dispatched", request_id, worker_id, entry.tokens)
 
     def unassign(self, request_id: str) -> None:
         """The worker refused the task, or the request finished: it no longer counts there."""
         entry = self._entries.get(request_id)
         if entry is not None:
-            self._unassign(entry)
+            self._unassign(entry, request_id)
 
     def prefill_done(self, request_id: str) -> None:
         """The first token arrived: the prompt is no longer queued work on the prefill worker."""
@@ -88,6 +97,8 @@ class InflightTable:
             return
         self._loads[entry.worker].tokens -= entry.tokens
         entry.tokens = 0
+        if self.listener is not None:
+            self.listener("prefill_done", request_id, entry.worker, 0)
 
     def release(self, request_id: str) -> str:
         """The request finished or failed; returns the worker it was counted on ("" if none)."""
@@ -95,7 +106,7 @@ class InflightTable:
         if entry is None:
             return ""
         worker = entry.worker
-        self._unassign(entry)
+        self._unassign(entry, request_id)
         return worker
 
     def load(self, worker_id: str) -> tuple[int, int]:
@@ -109,17 +120,23 @@ class InflightTable:
         Draining workers are left out: they take no new tasks.
         """
         out = []
+        remote = self.remote
+        if remote is not None:
+            remote.expire()
         for info in infos:
             if info.draining:
                 continue
             inflight, tokens = self.load(info.worker_id)
+            if remote is not None:
+                r_inflight, r_tokens = remote.load(info.worker_id)
+                inflight, tokens = inflight + r_inflight, tokens + r_tokens
             out.append(WorkerView(
                 worker_id=info.worker_id, role=info.role, queued_tokens=info.queued_tokens,
                 active=info.active, max_slots=info.max_slots, inflight=inflight, inflight_tokens=tokens,
             ))
         return out
 
-    def _unassign(self, entry: _Entry) -> None:
+    def _unassign(self, entry: _Entry, request_id: str) -> None:
         if not entry.worker:
             return
         load = self._loads[entry.worker]
@@ -127,4 +144,6 @@ class InflightTable:
         load.tokens -= entry.tokens
         if load.inflight <= 0:
             del self._loads[entry.worker]
+        if self.listener is not None:
+            self.listener("released", request_id, entry.worker, 0)
         entry.worker, entry.tokens = "", 0

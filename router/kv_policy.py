@@ -167,16 +167,19 @@ class KvAware(Policy):
     # --- the Policy interface -------------------------------------------------------------------
     def decide(self, request: RouteRequest, workers: Sequence[WorkerView]) -> Plan:
         """Refresh the board from ``workers`` (their load is authoritative), then ``route``."""
+        self._refresh(workers)
+        overlap = None
+        if self.index is None or not request.block_hashes:
+            overlap = {v.worker_id: v.cached_blocks for v in workers if v.cached_blocks}
+        return self.route(request, overlap)
+
+    def _refresh(self, workers: Sequence[WorkerView]) -> None:
         board, seen = self.board, set()
         for v in workers:
             seen.add(v.worker_id)
             board.set(v.worker_id, v.queued_tokens, v.active, v.inflight_tokens)
         for wid in [wid for _, wid in board.order() if wid not in seen]:
             board.remove(wid)
-        overlap = None
-        if self.index is None or not request.block_hashes:
-            overlap = {v.worker_id: v.cached_blocks for v in workers if v.cached_blocks}
-        return self.route(request, overlap)
 
     def update(self, result: RouteResult) -> None:
         if result.outcome == "dispatched":
@@ -327,6 +330,12 @@ class Oracle(KvAware):
 
     cached: Callable[[str, RouteRequest], int] | None = None
     name: str = "oracle"
+
+    def decide(self, request: RouteRequest, workers: Sequence[WorkerView]) -> Plan:
+        """Refresh the board from ``workers``, then route by ``cached`` (the views' cached_blocks
+        are not used: the oracle knows better)."""
+        self._refresh(workers)
+        return self.route(request, self._overlap(request))
 
     def _overlap(self, request: RouteRequest) -> dict[str, int]:
         if self.cached is None:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvrelay.transport.config import BusConfig
+from kvrelay.transport.config import BusConfig, StreamLimits
 from kvrelay.transport.server import NatsServer
 
 
@@ -17,7 +17,7 @@ def nats_server() -> Iterator[NatsServer]:
 
     Tests isolate themselves by namespace (``bus_config``), not by server.
     """
-    server = NatsServer()
+    server = NatsServer(max_memory_store=4 << 30)
     server.start()
     yield server
     server.stop()
@@ -35,4 +35,8 @@ def namespace() -> str:
 
 @pytest.fixture
 def bus_config(nats_url: str, namespace: str) -> BusConfig:
-    return BusConfig(url=nats_url, namespace=namespace)
+    """Small in-memory streams (JetStream reserves max_bytes per stream up front, and the session's
+    server hosts every test's namespace) and a request timeout that holds on a loaded 2-core box."""
+    small = StreamLimits(max_msgs=1000, max_bytes=8 << 20, max_age_s=120.0, storage="memory")
+    return BusConfig(url=nats_url, namespace=namespace, request_timeout_s=10.0, requests=small, prefilled=small,
+                     kv_events=small.replace(discard="old"))

@@ -76,6 +76,15 @@ class Subjects:
         """Routers ask one worker for a ``KvSnapshot`` of its cache here (after an event-id gap)."""
         return f"{self.root}.kv.snapshot.{check_token(worker_id, 'worker id')}"
 
+    # --- routers: shared dispatch-time load ---------------------------------------------------
+    def inflight(self, router_id: str) -> str:
+        """One router's ``InflightDelta`` messages (router/shared_inflight.py)."""
+        return f"{self.root}.inflight.{check_token(router_id, 'router id')}"
+
+    @property
+    def inflight_all(self) -> str:
+        return f"{self.root}.inflight.*"
+
     def kv_release(self, worker_id: str) -> str:
         return f"{self.root}.kv.release.{check_token(worker_id, 'worker id')}"
 

@@ -29,7 +29,7 @@ from kvrelay.transport.discovery import Announcer
 
 Mode = Literal["ok", "reject", "invalid", "silent", "hold", "stall", "error", "first_then_stall", "first_then_error",
                "shuffle"]
-WAIT_S = 10.0
+WAIT_S = 30.0  # a deadline for conditions, generous for a loaded 2-core CI machine
 
 
 def token_text(i: int) -> str:

@@ -46,7 +46,7 @@ class FakeCache:
         return [h for h, n in self.refs.items() for _ in range(n)]
 
 
-async def until(sub: KvEventsSubscriber, cond: Callable[[], bool], timeout: float = 10.0) -> None:
+async def until(sub: KvEventsSubscriber, cond: Callable[[], bool], timeout: float = 30.0) -> None:
     """Wait for ``cond`` re-checking after every applied batch or snapshot."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -69,7 +69,7 @@ def _synced(index: PrefixIndex, wid: str, expected: list[int]) -> bool:
 async def _router(cfg: BusConfig, name: str = "r1") -> tuple[Bus, PrefixIndex, KvEventsSubscriber]:
     bus = await Bus.connect(cfg, name)
     index = PrefixIndex(SPEC)
-    sub = KvEventsSubscriber(bus, index, name, snapshot_timeout_s=3.0)
+    sub = KvEventsSubscriber(bus, index, name, snapshot_timeout_s=10.0)
     await sub.start()
     return bus, index, sub
 

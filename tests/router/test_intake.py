@@ -174,7 +174,7 @@ async def test_intake_request_waits_in_the_stream_until_a_worker_comes(cluster: 
 
 async def test_intake_no_worker_until_the_deadline_is_503(cluster: Cluster) -> None:
     router, _, client = await _setup(cluster, workers=0, intake_retry_delay_s=0.05)
-    await client.send(client.request(timeout_s=0.5))
+    await client.send(client.request(timeout_s=3.0))
     (chunk,) = await client.until_final()
     assert chunk.error.status == 503 and chunk.finish_reason == "error"
     await _drained(client.bus)

@@ -206,3 +206,22 @@ def test_oracle_uses_true_cache_contents() -> None:
     pol.board.set("b")
     plan = pol.route(_req(hashes=None))
     assert plan.worker_id == "b" and plan.cached_blocks == 6 and plan.reason == "oracle"
+
+
+def test_oracle_decide_uses_cached_function_not_views() -> None:
+    truth = {"a": 0, "b": 7}
+    calls: list[str] = []
+
+    def cached(w: str, r: RouteRequest) -> int:
+        calls.append(w)
+        return truth[w]
+
+    pol = Oracle(block_size=16, seed=1, cached=cached)
+    views = [WorkerView("a", cached_blocks=9), WorkerView("b", cached_blocks=0)]  # views lie
+    plan = pol.decide(_req(hashes=None), views)
+    assert plan.worker_id == "b" and plan.cached_blocks == 7 and set(calls) == {"a", "b"}
+
+
+def test_oracle_decide_without_cached_function_raises() -> None:
+    with pytest.raises(ValueError, match="cached"):
+        Oracle(block_size=16).decide(_req(hashes=None), [WorkerView("a")])

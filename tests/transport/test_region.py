@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -190,3 +191,35 @@ def test_copy_zero_and_checksum() -> None:
     assert checksum(x, [1, 2, 4]) != c1
     zero_blocks(x, [2, 4])
     assert float(x[[2, 4]].float().abs().sum()) == 0.0 and float(x[1].float().abs().sum()) > 0
+
+
+def test_region_records_its_owner_mapping_for_cma(region: ExportRegion, tmp_path: Path) -> None:
+    header = region.path.read_bytes()[:4096]
+    assert ExportRegion.read_owner_map(header) == (os.getpid(), region.base_address)
+    assert region.base_address == region.tickets.data_ptr() - 4096
+    other = ExportRegion.attach(region.name, LAYOUT, tmp_path, populate=False)
+    try:  # a reader's mapping elsewhere in memory; the header still names the owner's
+        assert other.base_address != region.base_address
+        assert ExportRegion.read_owner_map(other.path.read_bytes()[:4096])[1] == region.base_address
+    finally:
+        other.close()
+
+
+def test_region_block_bytes_are_the_blocks(region: ExportRegion) -> None:
+    region.data.copy_(torch.randn(8, 3, 32).to(torch.bfloat16))
+    with region.block_bytes(2, 3) as raw:
+        assert len(raw) == 3 * region.block_nbytes
+        assert bytes(raw) == region.data[2:5].contiguous().view(torch.uint8).numpy().tobytes()
+    with pytest.raises(LayoutMismatch):
+        region.block_bytes(7, 2)
+
+
+def test_region_without_prefault_works_the_same(tmp_path: Path) -> None:
+    r = ExportRegion.create(new_region_name(), LAYOUT, 4, tmp_path, prefault=False)
+    try:
+        r.data[1].fill_(2.0)
+        other = ExportRegion.attach(r.name, LAYOUT, tmp_path)
+        assert bool((other.data[1] == 2.0).all())
+        other.close()
+    finally:
+        r.close()

@@ -71,10 +71,10 @@ class Collector:
         await bus.nc.flush()
         return col
 
-    async def next(self, timeout: float = 5.0) -> Any:
+    async def next(self, timeout: float = 30.0) -> Any:
         return await asyncio.wait_for(self.queue.get(), timeout)
 
-    async def until_final(self, timeout: float = 10.0) -> list[TokenChunk]:
+    async def until_final(self, timeout: float = 60.0) -> list[TokenChunk]:
         """Token chunks up to and including the one with ``finish_reason``."""
         out: list[TokenChunk] = []
         while not out or out[-1].finish_reason is None:
@@ -98,7 +98,7 @@ def task(rid: str, prompt: list[int], max_tokens: int = 4, deadline_s: float = 3
 
 
 async def worker_record(bus: Bus, wid: str, pred: Callable[[WorkerInfo], bool] = lambda _: True,
-                        timeout: float = 5.0) -> WorkerInfo:
+                        timeout: float = 30.0) -> WorkerInfo:
     """The worker's discovery record once ``pred`` holds for it (watches the bucket)."""
     kv = await open_bucket(bus)
     watcher = await kv.watch(wid)
@@ -153,7 +153,7 @@ async def consumer_state(bus: Bus, durable: str) -> tuple[int, int]:
     return info.num_pending, info.num_ack_pending
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 30.0) -> None:
     """Re-check a server-side condition that sends no event (JetStream stream/consumer state: acks
     are applied asynchronously) until it holds; TimeoutError after ``timeout``."""
     async def loop() -> None:

@@ -107,13 +107,13 @@ async def test_prefill_bad_task_is_rejected_and_worker_keeps_serving(bus, bus_co
     engine = FakePrefillEngine()
     svc = await start(bus, bus_config, engine)
     try:
-        raw = await bus.nc.request(bus.subjects.prefill("p1"), b"\x93not a kvrelay envelope", timeout=2)
+        raw = await bus.nc.request(bus.subjects.prefill("p1"), b"\x93not a kvrelay envelope", timeout=10)
         reply = decode(raw.data, DispatchReply)
         assert not reply.accepted and reply.code == "invalid" and reply.reason
         body = task("r0", [1], ns=namespace).to_mapping()
         body["stream_subject"] = "bad subject with spaces"
         envelope = msgpack.packb({"t": "PrefillTask", "v": 1, "b": body})  # schema-valid, bad subject
-        raw = await bus.nc.request(bus.subjects.prefill("p1"), envelope, timeout=2)
+        raw = await bus.nc.request(bus.subjects.prefill("p1"), envelope, timeout=10)
         assert decode(raw.data, DispatchReply).code == "invalid"
 
         t = task("r1", [1, 2, 3], ns=namespace)

@@ -228,7 +228,8 @@ async def test_vllm_disagg_unreadable_descriptor_prefills_locally(engines, basel
     task = _task("unreadable")
     out = await prefill.prefill(task)
     prefill.release(out.kv.ticket)
-    done = _done(task, out).replace(kv=out.kv.replace(host="another-host"))
+    # another host, and no backend that crosses hosts (tcp is dropped from what the exporter offers)
+    done = _done(task, out).replace(kv=out.kv.replace(host="another-host", fallbacks=[]))
     tokens, first, _ = await _decode(decode, done)
     assert first.kv_recomputed
     assert tokens == baseline["unreadable"][0]

@@ -1,6 +1,6 @@
 """The KV transfer interface: read an exported prefill's blocks into the local KV cache.
 
-A backend (shm here; tcp, cuda-ipc and nixl later) implements ``KVReader``. Given the
+A backend (``shm``, ``cma``, ``tcp``, ``cuda-ipc``, ``nixl``) implements ``KVReader``. Given the
 ``KVDescriptor`` a prefill worker published and the local block ids to fill, ``read`` copies
 the blocks and returns, or raises a ``KVTransferError`` subclass:
 
@@ -19,6 +19,7 @@ thread pool; asyncio code calls it through ``asyncio.to_thread``.
 from __future__ import annotations
 
 import socket
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from typing import ClassVar
 import torch
 
 from kvrelay.schemas.messages import KVDescriptor, KVLayout
-from kvrelay.transport.errors import LayoutMismatch
+from kvrelay.transport.errors import LayoutMismatch, LeaseExpired, PeerGone
 from kvrelay.transport.kv.region import layout_fingerprint, torch_dtype
 
 
@@ -105,3 +106,78 @@ def check_span(desc: KVDescriptor, n_dst: int, first_block: int) -> None:
         raise LayoutMismatch(
             f"{desc.num_tokens} tokens need {needed} blocks, the export names {len(desc.block_ids)}"
         )
+
+
+def offered(desc: KVDescriptor) -> tuple[str, ...]:
+    """Every backend the exporter serves this descriptor by: its primary, then its fallbacks."""
+    return (desc.backend, *(b for b in desc.fallbacks if b != desc.backend))
+
+
+def check_offered(desc: KVDescriptor, backend: str) -> None:
+    if backend not in offered(desc):
+        raise PeerGone(f"the exporter serves this KV by {list(offered(desc))}, not {backend}")
+
+
+def check_lease_time(desc: KVDescriptor) -> None:
+    if time.time() * 1000 >= desc.lease_expires_ms:
+        raise LeaseExpired(f"lease of ticket {desc.ticket} expired at {desc.lease_expires_ms}")
+
+
+def check_src_ids(desc: KVDescriptor, num_blocks: int) -> None:
+    if any(b < 0 or b >= num_blocks for b in desc.block_ids):
+        raise LayoutMismatch(f"descriptor names blocks outside region {desc.region!r}")
+
+
+def page_spans(
+    target: BlockTarget, dst_block_ids: Sequence[int], *, device_ok: bool = False
+) -> list[tuple[int, int]]:
+    """(address, bytes) of the destination pages in wire order -- block by block, layer by layer --
+    with neighbours in memory merged (a block-major cache gives one span per run of blocks).
+
+    The target must be in host memory (or any device with ``device_ok``) with contiguous pages
+    (``LayoutMismatch`` otherwise); the spans are valid while ``target.kv`` lives.
+    """
+    kv = target.kv
+    if kv.device.type != "cpu" and not device_ok:
+        raise LayoutMismatch(f"this reader fills host memory, the cache is on {kv.device}")
+    if kv.stride(2) != 1:
+        raise LayoutMismatch(f"cache pages are not contiguous (strides {kv.stride()})")
+    if any(d < 0 or d >= kv.shape[0] for d in dst_block_ids):
+        raise LayoutMismatch(f"destination block outside the cache of {kv.shape[0]} blocks")
+    item = kv.element_size()
+    page = kv.shape[2] * item
+    s0, s1 = kv.stride(0) * item, kv.stride(1) * item
+    base = kv.data_ptr()
+    spans: list[tuple[int, int]] = []
+    for d in dst_block_ids:
+        at = base + d * s0
+        for layer in range(kv.shape[1]):
+            addr = at + layer * s1
+            if spans and spans[-1][0] + spans[-1][1] == addr:
+                spans[-1] = (spans[-1][0], spans[-1][1] + page)
+            else:
+                spans.append((addr, page))
+    return spans
+
+
+def pair_spans(
+    local: Sequence[tuple[int, int]], remote: Sequence[tuple[int, int]]
+) -> list[tuple[int, int, int]]:
+    """Two span lists over the same byte stream -> (local address, remote address, bytes) pieces."""
+    out: list[tuple[int, int, int]] = []
+    ri, roff = 0, 0
+    for la, ln in local:
+        done = 0
+        while done < ln:
+            if ri >= len(remote):
+                raise LayoutMismatch("the two sides' spans cover different byte counts")
+            ra, rn = remote[ri]
+            take = min(ln - done, rn - roff)
+            out.append((la + done, ra + roff, take))
+            done += take
+            roff += take
+            if roff == rn:
+                ri, roff = ri + 1, 0
+    if ri != len(remote):
+        raise LayoutMismatch("the two sides' spans cover different byte counts")
+    return out

@@ -1,9 +1,12 @@
-"""Block copies between KV views: the one place KV bytes are moved (later: ``kvrelay.kernels``).
+"""Block copies between KV views: the one place KV bytes are moved between caches and regions.
 
 Every view is *block-major*: ``[num_blocks, num_layers, page_elems]``, possibly strided (vLLM's
 CPU cache is layer-major underneath: ``(num_layers, num_blocks, page)`` seen through a
 transposed ``as_strided`` view). Copies go in runs of consecutive block ids on both sides, one
-``copy_`` per run; many short runs fall back to ``index_select`` + ``index_copy_``.
+``copy_`` per run (memory-copy speed). Many short runs: on CUDA, ``kvrelay.kernels``
+gather + scatter (Triton, one launch each, all layers); on CPU ``index_select`` + ``index_copy_``
+(measured here, the kernels' torch reference gathers at ~1.7 GB/s against ~7 GB/s for a
+``copy_`` of a run, ``loadtest/results/kernels_cpu.json``, so it does not help on CPU).
 """
 
 from __future__ import annotations
@@ -51,6 +54,13 @@ def copy_blocks(src: torch.Tensor, src_ids: Sequence[int], dst: torch.Tensor, ds
     if len(runs) <= MAX_RUNS:
         for s, d, k in runs:
             dst[d : d + k].copy_(src[s : s + k])
+    elif src.is_cuda and dst.is_cuda:
+        from kvrelay import kernels
+
+        s_idx = torch.as_tensor(list(src_ids), dtype=torch.int64, device=src.device)
+        d_idx = torch.as_tensor(list(dst_ids), dtype=torch.int64, device=dst.device)
+        buf = kernels.gather_blocks(list(src.unbind(1)), s_idx, check_ids=False)  # [n, L, P]
+        kernels.scatter_blocks(buf, list(dst.unbind(1)), d_idx, check_ids=False)
     else:
         s_idx = torch.as_tensor(list(src_ids), dtype=torch.int64)
         d_idx = torch.as_tensor(list(dst_ids), dtype=torch.int64)

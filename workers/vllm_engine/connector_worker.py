@@ -27,10 +27,11 @@ from kvrelay.logs import get_logger
 from kvrelay.schemas.errors import SchemaError
 from kvrelay.schemas.messages import KVDescriptor, KVLayout
 from kvrelay.transport.errors import KVTransferError, LayoutMismatch, PeerGone
-from kvrelay.transport.kv.base import BlockTarget, KVReader
+from kvrelay.transport.kv.base import BlockTarget
 from kvrelay.transport.kv.copy import checksum, copy_blocks, zero_blocks
+from kvrelay.transport.kv.fetch import KVFetcher
+from kvrelay.transport.kv.metrics import encode_skipped
 from kvrelay.transport.kv.region import ExportRegion
-from kvrelay.transport.kv.shm import ShmReader
 from kvrelay.workers.vllm_engine.layout import block_target
 from kvrelay.workers.vllm_engine.notify import NotifySender
 from kvrelay.workers.vllm_engine.params import ConnectorConfig, Notice, failed
@@ -80,7 +81,7 @@ class ConnectorWorker:
         self._sender = sender
         region_dir = Path(cfg.region_dir) if cfg.region_dir else None
         self._region_dir = region_dir
-        self._readers: dict[str, KVReader] = {"shm": ShmReader(region_dir, max_regions=cfg.max_regions)}
+        self._fetcher = KVFetcher.build(cfg.backends, region_dir=region_dir, max_regions=cfg.max_regions)
         self._pool = ThreadPoolExecutor(max_workers=cfg.load_workers, thread_name_prefix="kvrelay-load")
         self._target: BlockTarget | None = None
         self._region: ExportRegion | None = None
@@ -158,21 +159,20 @@ class ConnectorWorker:
             if self._target is None:
                 raise PeerGone("KV caches are not registered yet")
             desc = KVDescriptor.from_mapping(spec.kv)
-            reader = self._readers.get(desc.backend)
-            if reader is None:
-                raise PeerGone(f"no reader for backend {desc.backend!r}")
-            res = reader.read(
+            fetched = self._fetcher.read(
                 desc,
                 self._target,
                 spec.dst_blocks,
                 first_block=spec.first_block,
                 timeout_s=self._cfg.transfer_timeout_s,
             )
+            res = fetched.result
             if spec.debug_zero_kv or self._cfg.debug_zero_kv:
                 zero_blocks(self._target.kv, spec.dst_blocks)
         except (KVTransferError, SchemaError) as exc:
             code = getattr(exc, "code", "transfer")
             notice = failed("import", code, str(exc), ticket=_ticket_of(spec.kv), nonce=spec.nonce)
+            notice = notice.replace(skipped=encode_skipped(getattr(exc, "skipped", ())))
             return _Loaded(notice, spec.dst_blocks)
         except Exception as exc:
             log.exception("import_failed", nonce=spec.nonce)
@@ -187,13 +187,14 @@ class ConnectorWorker:
             nbytes=res.nbytes,
             ms=(time.perf_counter() - t0) * 1000,
             loaded_tokens=loaded_tokens,
+            backend=fetched.backend,
+            skipped=encode_skipped(fetched.skipped),
         )
         return _Loaded(notice, spec.dst_blocks)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
-        for reader in self._readers.values():
-            reader.close()
+        self._fetcher.close()
         if self._region is not None:
             self._region.close()
         self._sender.close()

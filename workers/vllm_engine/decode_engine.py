@@ -8,6 +8,11 @@ engine cannot read at all (another host, backend or layout) is not offered to th
 vLLM prefills locally from the start. Either way the stream completes and its first delta
 says how the KV got there (``kv_loaded_tokens``, ``kv_recomputed``).
 
+The transfer backend is negotiated per request (``transport.kv.fetch``): the decode config's
+``backends`` in order (those usable in this process: ``fetch.available``), restricted to what
+the descriptor offers (same host for shm/cma). Each import's backend, bytes and time are logged
+and counted (``kvrelay_kv_transfer_*``, ``transport.kv.metrics``).
+
 The import is over (loaded, recomputed, or given up) when the first delta is yielded: the
 caller may release the prefill worker's lease then.
 """
@@ -21,34 +26,51 @@ from collections.abc import AsyncIterator
 
 from kvrelay.logs import bound, get_logger
 from kvrelay.schemas.messages import KVDescriptor, PrefillDone
+from kvrelay.transport.kv import metrics as kv_metrics
 from kvrelay.transport.kv.base import host_identity
+from kvrelay.transport.kv.fetch import available, plan
 from kvrelay.transport.kv.region import layout_fingerprint
 from kvrelay.workers.config import DecodeConfig, EngineConfig
 from kvrelay.workers.engine import EngineInfo, EngineStats, TokenDelta
 from kvrelay.workers.errors import EngineError
+from kvrelay.workers.vllm_engine.kv_events import KvEventsMixin, cache_salt
 from kvrelay.workers.vllm_engine.params import IMPORT_KEY, ConnectorConfig, Notice
 from kvrelay.workers.vllm_engine.runtime import VllmRuntime, sampling_params, translate
 
 log = get_logger(__name__)
 
 NOTICE_WAIT_S = 2.0  # how long the first delta waits for the import notice (it is normally there already)
-READABLE_BACKENDS = ("shm",)
+READABLE_BACKENDS = ("shm", "cma", "tcp", "nixl")  # cuda-ipc reads into GPU caches only
+
+
+def readable_backends(wanted: list[str]) -> tuple[str, ...]:
+    """The configured backends this engine can read with here, in the configured order."""
+    out = []
+    for b in wanted:
+        ok, why = available(b) if b in READABLE_BACKENDS else (False, "not for a CPU cache")
+        if ok:
+            out.append(b)
+        else:
+            log.info("kv_backend_not_used", backend=b, reason=why)
+    return tuple(out)
 FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
 
 
-class VllmDecodeEngine:
+class VllmDecodeEngine(KvEventsMixin):
     def __init__(self, engine: EngineConfig, decode: DecodeConfig) -> None:
         self.cfg = decode
         # debug control, read per request: zero the loaded KV (output must then differ)
         self.debug_zero_kv = decode.debug_zero_kv
-        conn = ConnectorConfig(notify_path="", transfer_timeout_s=decode.transfer_timeout_s)
+        backends = readable_backends(list(decode.backends))
+        conn = ConnectorConfig(notify_path="", transfer_timeout_s=decode.transfer_timeout_s,
+                               backends=list(backends))
         self._rt = VllmRuntime(engine, conn, self._on_notice)
         self.info = EngineInfo(
             model=engine.served_model_name or engine.model,
             block_size=engine.block_size,
             hash_seed=engine.hash_seed,
             layout=None,
-            backends=tuple(b for b in decode.backends if b in READABLE_BACKENDS),
+            backends=backends,
             max_model_len=engine.max_model_len,
         )
         self._host = host_identity()
@@ -70,15 +92,20 @@ class VllmDecodeEngine:
     async def start(self) -> None:
         await self._rt.start()
         self.info = dataclasses.replace(self.info, layout=self._rt.layout)
+        try:
+            await self._start_kv_events()
+        except BaseException:
+            await self._rt.stop()
+            raise
 
     async def stop(self) -> None:
+        await self._stop_kv_events()
         await self._rt.stop()
 
     def readable(self, kv: KVDescriptor) -> bool:
         """Whether this engine can load ``kv`` at all (else it prefills locally without trying)."""
         return (
-            kv.backend in self.info.backends
-            and kv.host == self._host
+            bool(plan(kv, self.info.backends, self._host))
             and self._rt.layout is not None
             and layout_fingerprint(kv.layout) == layout_fingerprint(self._rt.layout)
         )
@@ -115,6 +142,8 @@ class VllmDecodeEngine:
         fut = receiver.expect(key) if kv_params else None
         sp = sampling_params(done.sampling, max_tokens=max_tokens, kv_params=kv_params, delta=True)
         prompt = TokensPrompt(prompt_token_ids=[*done.prompt_token_ids, done.first_token_id])
+        if salt := cache_salt(done.tenant):
+            prompt["cache_salt"] = salt  # tenants never share vLLM blocks (kv_events.py)
         gen = llm.generate(prompt, sp, request_id=done.request_id)
         self.counters["decodes"] += 1
         first, finished = True, False
@@ -178,12 +207,19 @@ class VllmDecodeEngine:
         if notice.kind != "import":
             return
         c = self.counters
+        skipped = kv_metrics.decode_skipped(notice.skipped)
         if not notice.ok:
             c["import_failures"] += 1
+            kv_metrics.record_failure(notice.code, skipped)
+            log.info("kv_transfer_failed", code=notice.code, skipped=notice.skipped, error=notice.error[:300])
         elif notice.blocks:
             c["imports"] += 1
             c["import_blocks"] += notice.blocks
             c["import_bytes"] += notice.nbytes
             c["import_ms"] += notice.ms
+            c[f"imports_{notice.backend}"] = c.get(f"imports_{notice.backend}", 0) + 1
+            kv_metrics.record(notice.backend, notice.nbytes, notice.ms / 1000, skipped)
+            log.info("kv_transfer", backend=notice.backend, blocks=notice.blocks, nbytes=notice.nbytes,
+                     ms=round(notice.ms, 3), skipped=notice.skipped or None)
         else:
             c["local_hits"] += 1

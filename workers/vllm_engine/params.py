@@ -37,6 +37,8 @@ class ConnectorConfig(Struct):
     # threads loading KV; loads beyond them queue (at most one per request vLLM holds)
     load_workers: int = limit(2, min=1, max=16)
     max_regions: int = limit(8, min=1, max=256)  # exporters' regions kept mapped at once
+    # the transfer backends this engine reads with, best first (transport.kv.fetch negotiates)
+    backends: list[str] = limit(["shm", "tcp"], max_len=8)
     debug_zero_kv: bool = False  # zero every loaded block (control: proves the KV is transferred)
 
 
@@ -69,6 +71,8 @@ class Notice(Struct):
     ms: float = limit(0.0, min=0.0)
     checksum: int | None = None
     loaded_tokens: int = limit(0, min=0)  # import: prompt tokens whose KV was loaded
+    backend: str = limit("", max_len=16)  # import: the backend that moved the blocks
+    skipped: list[str] = limit([], max_len=8)  # import: "backend:code" of backends tried first, unusable
 
 
 def failed(

@@ -9,6 +9,11 @@ decode worker is done with them) or ``expire_leases``.
 Finished during prefill (EOS, stop string, the user's max_tokens == 1, abort): the region
 blocks are freed and the output carries ``finish_reason`` and no KV.
 
+Transfer backends (``prefill.backends``, in order of preference): "shm" (decode workers on this
+host map the region) and "tcp" (a ``BlockServer`` on ``prefill.tcp_host:tcp_port`` serves the
+region to any host; started with the engine). Descriptors name the first as ``backend`` and the
+others as ``fallbacks``, with the server's ``endpoint``; the decode side picks (``transport.kv.fetch``).
+
 A lease whose export notice is late (timeout, cancellation) is kept as an *orphan* until the
 notice arrives or the lease ends, so the connector never writes blocks already given to
 another request. Orphans are bounded by the region.
@@ -31,20 +36,24 @@ from kvrelay.transport.errors import RegionFull
 from kvrelay.transport.kv.base import host_identity
 from kvrelay.transport.kv.leases import LeaseTable
 from kvrelay.transport.kv.region import ExportRegion, blocks_for_bytes, new_region_name
+from kvrelay.transport.kv.tcp_server import BlockServer, BlockServerConfig
 from kvrelay.workers.config import EngineConfig, PrefillConfig
 from kvrelay.workers.engine import EngineInfo, EngineStats, PrefillOutput
 from kvrelay.workers.errors import EngineDead, EngineError, ExportFull
+from kvrelay.workers.vllm_engine.kv_events import KvEventsMixin, cache_salt
 from kvrelay.workers.vllm_engine.params import EXPORT_KEY, ConnectorConfig, Notice
 from kvrelay.workers.vllm_engine.runtime import VllmRuntime, sampling_params, translate
 
 log = get_logger(__name__)
+
+SERVED = ("shm", "tcp")  # what a CPU export region can be served by
 
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-class VllmPrefillEngine:
+class VllmPrefillEngine(KvEventsMixin):
     def __init__(
         self,
         engine: EngineConfig,
@@ -54,6 +63,9 @@ class VllmPrefillEngine:
         region_dir: Path | None = None,
     ) -> None:
         self.cfg = prefill
+        self.backends = tuple(b for b in prefill.backends if b in SERVED)
+        if not self.backends:
+            raise EngineError(f"prefill.backends {prefill.backends} has none of {SERVED} (what it serves)")
         self.worker_id = worker_id or prefill.worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.region_name = new_region_name()
         self._region_dir = region_dir
@@ -64,10 +76,12 @@ class VllmPrefillEngine:
             block_size=engine.block_size,
             hash_seed=engine.hash_seed,
             layout=None,
-            backends=("shm",),
+            backends=self.backends,
             max_model_len=engine.max_model_len,
         )
         self._host = host_identity()
+        self._server: BlockServer | None = None
+        self.endpoint = ""
         self._region: ExportRegion | None = None
         self._leases: LeaseTable | None = None
         self._ticket = secrets.randbits(48) + 1
@@ -89,10 +103,28 @@ class VllmPrefillEngine:
     async def start(self) -> None:
         try:
             await self._rt.start(before_engine=self._make_region)
+            if "tcp" in self.backends:
+                await self._start_server()
+            await self._start_kv_events()
         except BaseException:  # failed or cancelled while starting: the region must not outlive us
+            await self._stop_kv_events()
+            await self._rt.stop()
+            await self._stop_server()
             self._close_region()
             raise
         self.info = dataclasses.replace(self.info, layout=self._rt.layout)
+
+    async def _start_server(self) -> None:
+        assert self._region is not None
+        cfg = BlockServerConfig(host=self.cfg.tcp_host, port=self.cfg.tcp_port,
+                                request_timeout_s=self.cfg.export_timeout_s)
+        self._server = BlockServer([self._region], cfg)
+        self.endpoint = await self._server.start()
+
+    async def _stop_server(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            await server.close()
 
     def _make_region(self, layout: KVLayout) -> None:
         n = blocks_for_bytes(layout, self.cfg.export_mb << 20)
@@ -104,6 +136,8 @@ class VllmPrefillEngine:
 
     async def stop(self) -> None:
         try:
+            await self._stop_kv_events()
+            await self._stop_server()
             await self._rt.stop()
         finally:
             self._close_region()
@@ -180,6 +214,8 @@ class VllmPrefillEngine:
         final = None
         try:
             prompt = TokensPrompt(prompt_token_ids=task.prompt_token_ids)
+            if salt := cache_salt(task.tenant):
+                prompt["cache_salt"] = salt  # tenants never share vLLM blocks (kv_events.py)
             async for out in llm.generate(prompt, sp, request_id=task.request_id):
                 final = out
         except Exception as exc:
@@ -220,7 +256,7 @@ class VllmPrefillEngine:
         self._lease_table().renew(ticket, expires)
         assert self._region is not None and self._rt.layout is not None
         return KVDescriptor(
-            backend="shm",
+            backend=self.backends[0],  # type: ignore[arg-type]
             worker_id=self.worker_id,
             host=self._host,
             region=self._region.name,
@@ -229,7 +265,9 @@ class VllmPrefillEngine:
             ticket=ticket,
             lease_expires_ms=expires,
             layout=self._rt.layout,
+            endpoint=self.endpoint,
             checksum=notice.checksum,
+            fallbacks=list(self.backends[1:]),
         )
 
     async def abort(self, request_id: str) -> None:
@@ -259,6 +297,7 @@ class VllmPrefillEngine:
             kv_bytes_moved=int(self.counters["export_bytes"]),
             extra={
                 **self.counters,
+                **({f"tcp_{k}": float(v) for k, v in self._server.counters.items()} if self._server else {}),
                 "leases": leases.active if leases else 0,
                 "orphans": len(self._orphans),
                 "lease_rejected": leases.rejected_total if leases else 0,

@@ -1,0 +1,222 @@
+"""bench compare's pure parts (presets, workload, verdict, report) and the proxy (real aiohttp servers)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+
+from kvrelay.loadtest.clients import HttpClient
+from kvrelay.loadtest.compare import PRESETS, markdown, verdict
+from kvrelay.loadtest.deployments import EngineSettings
+from kvrelay.loadtest.interference import InterferenceWorkload, run
+from kvrelay.loadtest.metrics import RequestRecord
+from kvrelay.loadtest.plan import BenchRequest
+from kvrelay.loadtest.proxy import Balancer, Proxy
+
+KEYS = ("ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", "output_tok_per_s", "goodput")
+
+
+def test_balancer_least_outstanding_with_round_robin_ties() -> None:
+    b = Balancer(3)
+    assert [b.acquire() for _ in range(3)] == [0, 1, 2]  # all tied: round robin
+    b.release(1)
+    assert b.acquire() == 1  # the only one with fewer in flight
+    b.release(0)
+    b.release(2)
+    assert b.acquire() == 2 and b.acquire() == 0  # ties again, round robin continues after 1
+    with pytest.raises(ValueError):
+        Balancer(1).release(0)
+    with pytest.raises(ValueError):
+        Balancer(0)
+
+
+def test_interference_workload_is_seeded_and_in_range() -> None:
+    wl = InterferenceWorkload(decoders=2, long_rate=0.5, duration_s=30, seed=4)
+    again = InterferenceWorkload(decoders=2, long_rate=0.5, duration_s=30, seed=4)
+    a, b = wl.decode_plans(10), again.decode_plans(10)
+    assert [p.steps[0].prompt_token_ids for p in a] == [p.steps[0].prompt_token_ids for p in b]
+    for p in a:
+        req = p.steps[0]
+        assert 64 <= len(req.prompt_token_ids) <= 192 and 200 <= req.max_tokens <= 400
+        assert req.kind == "decode"
+    longs = wl.long_plans()
+    assert longs and all(0 <= p.start_s < 30 for p in longs)
+    assert all(1500 <= len(p.steps[0].prompt_token_ids) <= 3000 for p in longs)
+    assert all(p.steps[0].kind == "long_prompt" for p in longs)
+    assert [p.start_s for p in longs] == sorted(p.start_s for p in longs)
+    with pytest.raises(ValueError):
+        InterferenceWorkload(decoders=0, long_rate=0)
+    with pytest.raises(ValueError):
+        InterferenceWorkload(long_prompt=(3000, 1500))
+
+
+def test_presets_fit_the_context_and_name_both_deployments() -> None:
+    for p in PRESETS.values():
+        w = p.workload
+        assert w.long_prompt[1] + w.long_output[1] <= p.engine.max_model_len
+        assert w.decode_prompt[1] + w.decode_output[1] <= p.engine.max_model_len
+        assert p.deployments == ("aggregated", "disaggregated")
+
+
+def test_engine_settings_same_on_both_sides() -> None:
+    e = EngineSettings()
+    v = e.vllm_args("/m")
+    k = " ".join(e.kvrelay_sets())
+    assert v[v.index("--dtype") + 1] == "float32" and 'engine.dtype="float32"' in k
+    assert v[v.index("--max-num-seqs") + 1] == "16" and "engine.max_num_seqs=16" in k
+    assert v[v.index("--kv-cache-memory-bytes") + 1] == str(1 << 30) and "engine.kv_cache_gb=1.0" in k
+    assert v[v.index("--block-size") + 1] == "32" and "engine.block_size=32" in k
+
+
+def _block(itl99: float, tput: float) -> dict:
+    return {"ttft_ms_p50": 1.0, "ttft_ms_p99": 2.0, "itl_ms_p50": 3.0, "itl_ms_p99": itl99,
+            "output_tok_per_s": tput, "goodput": 0.5, "completed": 9, "requests": 10,
+            "errors": {"timeout": 1}}
+
+
+@pytest.mark.parametrize("itl, tput, met", [(400.0, 95.0, True), (600.0, 95.0, False), (400.0, 85.0, False)])
+def test_verdict_applies_the_target(itl: float, tput: float, met: bool) -> None:
+    v = verdict(_block(1000.0, 100.0), _block(itl, tput))
+    assert v["evaluated"] and v["met"] is met
+    assert v["itl_p99_ratio"] == pytest.approx(itl / 1000.0)
+    assert v["throughput_ratio"] == pytest.approx(tput / 100.0)
+
+
+def test_verdict_and_markdown_with_a_failed_deployment() -> None:
+    report = {"preset": "x", "description": "d", "conditions": {"model": "m"},
+              "aggregated": _block(10.0, 5.0), "disaggregated": {"error": "kvrelay-up exited with code 1"}}
+    report["verdict"] = verdict(report["aggregated"], report["disaggregated"])
+    assert report["verdict"]["evaluated"] is False
+    md = markdown(report)
+    assert "| ITL p99 (ms) | 10.0 | did not run |" in md
+    assert "| requests (ok/all) | 9/10 | did not run |" in md
+    assert "not evaluated" in md
+
+
+async def test_interference_run_sends_both_streams_until_duration() -> None:
+    sent: list[BenchRequest] = []
+
+    async def send(req: BenchRequest, scheduled: float) -> RequestRecord:
+        sent.append(req)
+        await asyncio.sleep(0.01)  # a fake server's service time (the run is bounded by duration)
+        return RequestRecord(req.request_id, scheduled, scheduled, kind=req.kind, chunks=[(scheduled, 1)],
+                             end_s=scheduled)
+
+    wl = InterferenceWorkload(decoders=2, long_rate=50.0, duration_s=0.3, seed=1)
+    records, counters = await run(send, wl)
+    kinds = {r.kind for r in records}
+    assert kinds == {"decode", "long_prompt"} and counters["scheduled"] == len(records) == len(sent)
+
+
+# --- the proxy, in front of two real SSE backends --------------------------------------------------------
+def _backend(name: str, gate: asyncio.Event | None = None,
+             reached: asyncio.Event | None = None) -> web.Application:
+    async def complete(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"data: " + json.dumps({"choices": [{"text": name}]}).encode() + b"\n\n")
+        if gate is not None and reached is not None:
+            reached.set()
+            await gate.wait()
+        usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": 1}
+        await resp.write(b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"data": [{"id": "m-" + name}]})
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", complete)
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    return app
+
+
+async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    return runner, f"http://{host}:{port}"
+
+
+@pytest.fixture
+async def proxied() -> AsyncIterator[tuple[str, Proxy, asyncio.Event, asyncio.Event]]:
+    gate, reached = asyncio.Event(), asyncio.Event()
+    runners = []
+    urls = []
+    for name, g in (("a", gate), ("b", None)):
+        r, u = await _serve(_backend(name, g, reached))
+        runners.append(r)
+        urls.append(u)
+    proxy = Proxy(urls, max_inflight=8)
+    r, u = await _serve(proxy.app())
+    runners.append(r)
+    try:
+        yield u, proxy, gate, reached
+    finally:
+        gate.set()
+        for r in reversed(runners):
+            await r.cleanup()
+
+
+async def test_proxy_streams_and_sends_to_least_outstanding(proxied: tuple) -> None:
+    url, proxy, gate, reached = proxied
+    req = BenchRequest("r", [1, 2, 3], 1)
+    async with HttpClient(url) as client:
+        assert client.model == "m-a"  # /v1/models from the first backend
+        held = asyncio.create_task(client.send(req, client.clock()))  # backend a holds its stream open
+        await asyncio.wait_for(reached.wait(), 10)
+        assert proxy.balancer.outstanding == [1, 0]
+        second = await client.send(req, client.clock())  # must go to b, the idle one
+        assert second.ok and proxy.routed == [1, 1]
+        gate.set()
+        first = await held
+    assert first.ok and first.output_tokens == 1 and first.prompt_tokens == 3
+    assert proxy.balancer.outstanding == [0, 0]
+
+
+async def test_proxy_health_and_capacity(proxied: tuple) -> None:
+    import aiohttp
+
+    url, proxy, _, _ = proxied
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url + "/health") as r:
+            assert r.status == 200 and all((await r.json())["backends"].values())
+        proxy.max_inflight = 0
+        async with s.post(url + "/v1/completions", json={"prompt": [1]}) as r:
+            assert r.status == 429 and r.headers["Retry-After"] == "1"
+
+
+# --- CPU accounting of a shared machine ---------------------------------------------------------------------
+def test_cpuwatch_counts_this_process_tree() -> None:
+    import time
+
+    from kvrelay.loadtest.cpuwatch import CpuWatch, own_tree_cpu_s
+
+    w = CpuWatch()
+    w.start()
+    t = time.process_time()
+    while time.process_time() - t < 0.3:  # burn CPU in this process
+        pass
+    got = w.stop()
+    assert got["own_cpu_share"] is not None and got["own_cpu_share"] > 0
+    assert 0 <= got["external_cpu_share"] <= 1.0
+    assert own_tree_cpu_s() >= 0.3 - 0.05
+
+
+async def test_wait_quiet_returns_at_once_when_the_limit_is_everything() -> None:
+    from kvrelay.loadtest.cpuwatch import wait_quiet
+
+    got = await wait_quiet(max_share=1.0, max_wait_s=5.0, window_s=0.2)
+    assert got["quiet"] is True and got["waited_s"] == pytest.approx(0.2)
