@@ -115,7 +115,9 @@ async def _wait_ready(children: list[Child], health_url: str, stop: asyncio.Even
 def _banner(cfg: Config, nats_url: str, log_dir: Path, started: float) -> str:
     host, port = cfg.router.http_host, cfg.router.http_port
     base = f"http://{host}:{port}"
-    model = cfg.router.served_model_name or Path(cfg.router.model).name
+    from kvrelay.models import served_name
+
+    model = cfg.router.served_model_name or served_name(cfg.router.model)  # the name the router serves
     sample = json.dumps({"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}],
                          "max_tokens": 32})
     return (
