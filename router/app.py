@@ -128,6 +128,12 @@ class Router:
             self.metrics.registry.register(KvIndexCollector(self.index, self.kv_events))
         self.directory = Directory(self.bus)
         self.tasks.append(asyncio.create_task(self.directory.run(), name="directory"))
+        if self.kv_events is not None:
+            from kvrelay.router.membership import IndexMembership, MembershipCollector
+
+            membership = IndexMembership(self.directory, self.kv_events, self.cfg.bus.heartbeat_s)
+            self.metrics.registry.register(MembershipCollector(membership))
+            self.tasks.append(asyncio.create_task(membership.run(), name="kv-membership"))
         self.dispatcher = Dispatcher(self.bus, self.directory, self.policy, rc, self.metrics, self.id, self.hasher)
         await self.dispatcher.start()
         if rc.share_inflight:

@@ -96,6 +96,7 @@ class Directory:
         self._seen: dict[str, tuple[WorkerInfo, float]] = {}
         self.ignored = 0
         self.changed = asyncio.Event()
+        self.synced = asyncio.Event()  # set once the watch delivered the bucket's initial records
 
     def apply(self, key: str, value: bytes | None) -> None:
         """One bucket update: a put (record) or a delete/purge (value None)."""
@@ -134,6 +135,7 @@ class Directory:
                 except nats.errors.TimeoutError:
                     continue
                 if entry is None:  # end of the initial values
+                    self.synced.set()
                     continue
                 deleted = entry.operation in ("DEL", "PURGE")
                 self.apply(entry.key, None if deleted else entry.value)
