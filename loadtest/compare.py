@@ -172,6 +172,7 @@ def markdown(report: dict[str, Any]) -> str:
             else:
                 cells.append(_fmt(b.get(key)))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += _by_kind(report, names)
     v = report.get("verdict", {})
     if v.get("evaluated"):
         outcome = (f"ITL p99 ratio {v['itl_p99_ratio']}, throughput ratio {v['throughput_ratio']} -> "
@@ -185,6 +186,23 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"**{n}**: " + (f"did not run: `{b['error'][:300]}`" if "error" in b else
                                   json.dumps(b.get("deployment", {}), indent=None)), ""]
     return "\n".join(lines)
+
+
+def _by_kind(report: dict[str, Any], names: list[str]) -> list[str]:
+    """A second table: the same figures per request kind (decode streams, long prompts)."""
+    ran = [n for n in names if "by_kind" in report[n]]
+    if not ran:
+        return []
+    cols = [("TTFT p50", "ttft_ms_p50"), ("TTFT p99", "ttft_ms_p99"), ("ITL p99", "itl_ms_p99"),
+            ("ITL max", "itl_ms_max"), ("TPOT p99", "tpot_ms_p99"), ("goodput", "goodput")]
+    head = "| deployment | kind | requests | " + " | ".join(c for c, _ in cols) + " |"
+    out = ["", "By request kind (ms):", "", head, "|---|---|---|" + "---|" * len(cols)]
+    for n in ran:
+        for kind, b in report[n]["by_kind"].items():
+            cells = [_fmt(b.get(k)) for _, k in cols]
+            count = f"{b.get('completed')}/{b.get('requests')}"
+            out.append(f"| {n} | {kind} | {count} | " + " | ".join(cells) + " |")
+    return out
 
 
 def _fmt(v: Any) -> str:

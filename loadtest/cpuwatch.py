@@ -45,27 +45,39 @@ def _proc_stat(pid: int) -> tuple[int, float] | None:
     return ppid, (utime + stime + cutime + cstime) / TICK
 
 
-def own_tree_cpu_s(root: int | None = None) -> float | None:
-    """CPU seconds of ``root`` (default: this process) and every live descendant."""
-    root = os.getpid() if root is None else root
-    if not PROC.is_dir():
-        return None
+def process_table() -> dict[int, tuple[int, float]]:
+    """{pid: (parent pid, CPU seconds)} of every process ({} without /proc)."""
     stats: dict[int, tuple[int, float]] = {}
-    for entry in PROC.iterdir():
-        if entry.name.isdigit():
-            st = _proc_stat(int(entry.name))
-            if st is not None:
-                stats[int(entry.name)] = st
+    if PROC.is_dir():
+        for entry in PROC.iterdir():
+            if entry.name.isdigit():
+                st = _proc_stat(int(entry.name))
+                if st is not None:
+                    stats[int(entry.name)] = st
+    return stats
+
+
+def tree(root: int, table: dict[int, tuple[int, float]] | None = None) -> list[int]:
+    """``root`` and its live descendants."""
+    table = process_table() if table is None else table
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in stats.items():
+    for pid, (ppid, _) in table.items():
         children.setdefault(ppid, []).append(pid)
-    total, todo = 0.0, [root]
+    out, todo = [], [root]
     while todo:
         pid = todo.pop()
-        if pid in stats:
-            total += stats[pid][1]
+        if pid in table:
+            out.append(pid)
         todo.extend(children.get(pid, ()))
-    return total
+    return out
+
+
+def own_tree_cpu_s(root: int | None = None) -> float | None:
+    """CPU seconds of ``root`` (default: this process) and every live descendant."""
+    if not PROC.is_dir():
+        return None
+    table = process_table()
+    return sum(table[p][1] for p in tree(os.getpid() if root is None else root, table))
 
 
 class CpuWatch:

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kvrelay.loadtest.cpuwatch import PROC, tree
 from kvrelay.up import Child
 
 GIB = 1 << 30
@@ -33,6 +34,53 @@ VLLM_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_
 
 class DeploymentError(RuntimeError):
     """A deployment did not come up (the message carries the failing process's log tail)."""
+
+
+# --- pinning ---------------------------------------------------------------------------------------------
+# vLLM 0.32 applies VLLM_CPU_OMP_THREADS_BIND only in its multiprocess executor (OMPProcessManager);
+# with VLLM_ENABLE_V1_MULTIPROCESSING=0 the engine's threads stay free to run on every core, and its
+# OpenMP pool has one thread per core. Two engines on two cores then oversubscribe them (OpenMP
+# barriers with descheduled threads: decode ran at a few tokens/s here). So both deployments get the
+# same treatment from outside: OMP_NUM_THREADS=1 in every engine's environment, and once up, every
+# thread of each engine's process tree (server/worker process and its EngineCore child) is bound to
+# the engine's core with sched_setaffinity.
+ENGINE_ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def pin_tree(root: int, core: int) -> int:
+    """Bind every thread of ``root`` and its descendants to ``core``; the number of threads bound."""
+    n = 0
+    for pid in tree(root):
+        try:
+            tids = [int(t.name) for t in (PROC / str(pid) / "task").iterdir()]
+        except OSError:
+            continue
+        for tid in tids:
+            with contextlib.suppress(OSError):  # a thread that just ended
+                os.sched_setaffinity(tid, {core})
+                n += 1
+    return n
+
+
+def tree_affinity(root: int) -> list[str]:
+    """The distinct CPU lists the threads of ``root``'s tree may run on (the proof of pinning)."""
+    seen = set()
+    for pid in tree(root):
+        with contextlib.suppress(OSError):
+            for t in (PROC / str(pid) / "task").iterdir():
+                with contextlib.suppress(OSError):
+                    seen.add(",".join(str(c) for c in sorted(os.sched_getaffinity(int(t.name)))))
+    return sorted(seen)
+
+
+def find_in_tree(root: int, needle: str) -> int | None:
+    """The process under ``root`` whose command line contains ``needle``."""
+    for pid in tree(root):
+        with contextlib.suppress(OSError):
+            cmdline = (PROC / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ")
+            if needle in cmdline.decode(errors="replace"):
+                return pid
+    return None
 
 
 @dataclass(frozen=True)
@@ -62,7 +110,7 @@ class EngineSettings:
                 "--max-num-seqs", str(self.max_num_seqs),
                 "--kv-cache-memory-bytes", str(int(self.kv_cache_gb * GIB)),
                 "--block-size", str(self.block_size), "--seed", str(self.seed), "--enforce-eager",
-                "--enable-prefix-caching", "--disable-log-stats"]
+                "--enable-prefix-caching"]
 
 
 def free_port() -> int:
@@ -107,6 +155,7 @@ class Deployment:
         self.children: list[Child] = []
         self.url = ""
         self.started_s = 0.0
+        self.pinned: dict[str, Any] = {}  # engine -> {"core", "threads", "affinity"}
 
     async def start(self) -> str:
         raise NotImplementedError
@@ -119,7 +168,14 @@ class Deployment:
                     os.killpg(c.proc.pid, signal.SIGKILL)
 
     def describe(self) -> dict[str, Any]:
-        return {"engine": asdict(self.engine), "startup_s": round(self.started_s, 1)}
+        return {"engine": asdict(self.engine), "startup_s": round(self.started_s, 1),
+                "pinned": self.pinned, "engine_env": ENGINE_ENV}
+
+    def _pin(self, name: str, pid: int | None, core: int) -> None:
+        if pid is None:
+            self.pinned[name] = {"core": core, "error": "process not found"}
+            return
+        self.pinned[name] = {"core": core, "threads": pin_tree(pid, core), "affinity": tree_affinity(pid)}
 
     async def _launch(self, pairs: list[tuple[Child, dict[str, str]]], health: str) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -155,11 +211,13 @@ class Aggregated(Deployment):
                     *self.engine.vllm_args(folder), "--host", "127.0.0.1", "--port", str(p),
                     "--uvicorn-log-level", "warning"]
             # each server's own environment pins its engine to its core
-            env = dict(os.environ, **VLLM_ENV, VLLM_CPU_OMP_THREADS_BIND=core)
+            env = dict(os.environ, **VLLM_ENV, **ENGINE_ENV, VLLM_CPU_OMP_THREADS_BIND=core)
             pairs.append((Child(f"vllm-{i}", argv, self.log_dir / f"vllm-{i}.log"), env))
         pairs.append((Child("proxy", proxy, self.log_dir / "proxy.log"), dict(os.environ)))
         self.url = f"http://127.0.0.1:{port}"
         await self._launch(pairs, self.url + "/health")
+        for (child, _), core in zip(pairs, self.cores):
+            self._pin(child.name, child.proc.pid if child.proc else None, int(core))
         return self.url
 
     def describe(self) -> dict[str, Any]:
@@ -167,8 +225,8 @@ class Aggregated(Deployment):
             "what": f"{self.instances} plain vLLM OpenAI servers (prefill + decode each) behind a "
                     f"least-outstanding-requests HTTP proxy",
             "engine_cores": {f"vllm-{i}": c for i, c in enumerate(self.cores)},
-            "pinning": "VLLM_CPU_OMP_THREADS_BIND=<core> per server (vLLM's CPU worker binds its compute "
-                       "threads); API frontends and the proxy are not pinned",
+            "pinning": "every thread of server i (API frontend + EngineCore) bound to core i "
+                       "(sched_setaffinity, see 'pinned'); OMP_NUM_THREADS=1; the proxy is not pinned",
             "router": "least outstanding requests (loadtest/proxy.py), no KV awareness"}
 
 
@@ -192,10 +250,14 @@ class Disaggregated(Deployment):
                 "--set", f"prefill.export_mb={self.export_mb}",
                 "--set", f"engine.startup_timeout_s={self.startup_timeout_s}"]
         run_dir = self.log_dir / "run"
-        env = dict(os.environ, KVRELAY_RUN_DIR=str(run_dir), KVRELAY_LOG_FORMAT="json")
+        env = dict(os.environ, **ENGINE_ENV, KVRELAY_RUN_DIR=str(run_dir), KVRELAY_LOG_FORMAT="json")
         self.url = f"http://127.0.0.1:{port}"
         await self._launch([(Child("kvrelay-up", argv, self.log_dir / "up.log"), env)], self.url + "/health")
         self.policy_seen = self._policy_from_log(run_dir / "logs" / "router.log")
+        up = self.children[0].proc
+        roles = [f"prefill-{i}" for i in range(self.prefill)] + [f"decode-{i}" for i in range(self.decode)]
+        for role, core in zip(roles, self.cores):
+            self._pin(role, find_in_tree(up.pid, f"--id {role}") if up else None, int(core))
         return self.url
 
     @staticmethod
@@ -219,8 +281,9 @@ class Disaggregated(Deployment):
         return super().describe() | {
             "what": f"kvrelay up: {self.prefill} prefill + {self.decode} decode workers, router, nats-server",
             "engine_cores": dict(zip(roles, self.cores)),
-            "pinning": "engine.cpu_bind=<core> per worker (kvrelay up; VLLM_CPU_OMP_THREADS_BIND); router, "
-                       "nats-server and worker service loops are not pinned",
+            "pinning": "every thread of each worker (service + EngineCore) bound to its core "
+                       "(sched_setaffinity, see 'pinned'); OMP_NUM_THREADS=1; router and nats-server "
+                       "are not pinned",
             "router": f"kvrelay router, policy asked {self.policy!r}, policy reported {self.policy_seen!r}",
             "kvrelay_settings": {"prefill.export_mb": self.export_mb,
                                  "decode.max_slots": self.engine.max_num_seqs,

@@ -1,10 +1,12 @@
-"""bench compare's pure parts (presets, workload, verdict, report) and the proxy (real aiohttp servers)."""
+"""bench compare: presets, workload, verdict, report, the proxy (real aiohttp servers), CPU accounting;
+and (marked e2e) the smoke preset with real vLLM processes."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -220,3 +222,46 @@ async def test_wait_quiet_returns_at_once_when_the_limit_is_everything() -> None
 
     got = await wait_quiet(max_share=1.0, max_wait_s=5.0, window_s=0.2)
     assert got["quiet"] is True and got["waited_s"] == pytest.approx(0.2)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_compare_smoke_preset_runs_both_deployments(tmp_path: Path) -> None:
+    """Real processes: 2 vLLM servers + proxy, then kvrelay up, with the tiny model (~2-3 min)."""
+    from kvrelay.loadtest.compare import main
+
+    rc = main(["--preset", "cpu-smoke", "--out", str(tmp_path), "--logs", str(tmp_path / "logs"),
+               "--no-progress"])
+    report = json.loads((tmp_path / "compare_cpu_smoke.json").read_text())
+    assert rc == 0, {k: report[k].get("error") for k in ("aggregated", "disaggregated")}
+    for name in ("aggregated", "disaggregated"):
+        block = report[name]
+        assert all(block[k] is not None for k in KEYS), block
+        assert block["completed"] > 0 and block["output_tokens"] > 0
+    assert "kv_aware" in report["disaggregated"]["deployment"]["router"]
+    assert (tmp_path / "compare_cpu_smoke.md").read_text().startswith("# bench compare: cpu-smoke")
+    assert (tmp_path / "compare_cpu_smoke_latency_cdf.png").stat().st_size > 0
+
+
+def test_pin_tree_binds_every_thread_of_a_process_tree() -> None:
+    import subprocess
+    import sys
+
+    from kvrelay.loadtest.deployments import find_in_tree, pin_tree, tree_affinity
+
+    # a parent with a child, each with a few threads
+    code = ("import subprocess, sys, threading, time; "
+            "[threading.Thread(target=time.sleep, args=(60,), daemon=True).start() for _ in range(3)]; "
+            "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)', 'pin' + '-child']); "
+            "sys.stdout.write('ready\\n'); sys.stdout.flush(); c.wait()")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None and parent.stdout.readline() == "ready\n"
+        child = find_in_tree(parent.pid, "pin-child")
+        assert child is not None and child != parent.pid
+        assert pin_tree(parent.pid, 0) >= 5  # the parent's 4 threads and the child's
+        assert tree_affinity(parent.pid) == ["0"]
+        assert find_in_tree(parent.pid, "no-such-process") is None
+    finally:
+        parent.kill()
+        parent.wait()

@@ -102,8 +102,8 @@ def test_max_rate_gives_up_doubling_on_a_workload_too_small() -> None:
 
 def test_project_report_labels_everything_simulated() -> None:
     args = argparse.Namespace(preset="h100-llama70b", gpus=[4], ratios=[(1, 1)], chunks=[8192],
-                              workload="cot", requests_per_worker=30, warmup_share=0.1, seed=0, slo_ttft_ms=1000.0, slo_tpot_ms=40.0,
-                              attainment=0.9, steps=2)
+                              workload="cot", requests_per_worker=30, warmup_share=0.1, seed=0,
+                              slo_ttft_ms=1000.0, slo_tpot_ms=40.0, attainment=0.9, steps=2)
     rep = project(args)
     assert "SIMULATED" in rep["label"]
     assert rep["cost_model"]["preset"] == "h100-llama70b" and rep["cost_model"]["gpus_per_worker"] == 2
