@@ -17,7 +17,6 @@ each other and the figures then measure the scheduler, not the copy.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 from kvrelay import kernels
+from kvrelay.loadtest.report import emit
 
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 30, 3, 64, 32, torch.bfloat16
 
@@ -147,11 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "results": [bench_one(tokens, args.repeats, device) for tokens in args.tokens],
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
     return 0
 
 

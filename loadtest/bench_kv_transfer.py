@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import random
@@ -30,6 +29,7 @@ import time
 from pathlib import Path
 
 from kvrelay import models
+from kvrelay.loadtest.report import emit
 from kvrelay.schemas.messages import PrefillDone, PrefillTask, SamplingSpec
 from kvrelay.transport.kv.region import block_nbytes
 from kvrelay.workers.config import DecodeConfig, EngineConfig, PrefillConfig
@@ -146,11 +146,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     report = asyncio.run(run(args))
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
     return 0
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import random
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from kvrelay import models
+from kvrelay.loadtest.report import emit
 from kvrelay.schemas.messages import PrefillDone, PrefillTask, SamplingSpec
 from kvrelay.transport.kv.region import block_nbytes
 from kvrelay.workers.config import DecodeConfig, EngineConfig, PrefillConfig
@@ -150,11 +150,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     report = asyncio.run(run(args))
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
     return 0
 
 

@@ -123,6 +123,19 @@ def check_lease_time(desc: KVDescriptor) -> None:
         raise LeaseExpired(f"lease of ticket {desc.ticket} expired at {desc.lease_expires_ms}")
 
 
+def check_read(desc: KVDescriptor, target: BlockTarget, n_dst: int, first_block: int, offered_as: str,
+               reader: str = "", host: str | None = None) -> list[int]:
+    """The checks every reader makes before moving a byte (offered backend, same host where the
+    reader needs one, layouts, span, lease time); returns the source block ids of the span."""
+    check_offered(desc, offered_as)
+    if host is not None and desc.host != host:
+        raise PeerGone(f"region is on host {desc.host!r}; {reader or offered_as} reads only on {host!r}")
+    check_layouts(desc, target)
+    check_span(desc, n_dst, first_block)
+    check_lease_time(desc)
+    return list(desc.block_ids[first_block : first_block + n_dst])
+
+
 def check_src_ids(desc: KVDescriptor, num_blocks: int) -> None:
     if any(b < 0 or b >= num_blocks for b in desc.block_ids):
         raise LayoutMismatch(f"descriptor names blocks outside region {desc.region!r}")

@@ -39,10 +39,7 @@ from kvrelay.transport.kv.base import (
     BlockTarget,
     KVReader,
     ReadResult,
-    check_layouts,
-    check_lease_time,
-    check_offered,
-    check_span,
+    check_read,
     check_src_ids,
     host_identity,
     page_spans,
@@ -202,15 +199,9 @@ class CmaReader(KVReader):
     ) -> ReadResult:
         t0 = time.monotonic()
         deadline = t0 + timeout_s
-        check_offered(desc, "shm")
-        if desc.host != self._host:
-            raise PeerGone(f"region is on host {desc.host!r}; cma reads only on {self._host!r}")
-        check_layouts(desc, target)
-        check_span(desc, len(dst_block_ids), first_block)
-        check_lease_time(desc)
+        src = check_read(desc, target, len(dst_block_ids), first_block, "shm", "cma", host=self._host)
         peer = self._peer(desc)
         check_src_ids(desc, peer.num_blocks)
-        src = list(desc.block_ids[first_block : first_block + len(dst_block_ids)])
         if not self._tickets_match(peer, src, desc.ticket):
             raise LeaseExpired(f"ticket {desc.ticket} no longer holds its blocks")
         whole = len(src) == len(desc.block_ids)

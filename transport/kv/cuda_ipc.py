@@ -43,10 +43,7 @@ from kvrelay.transport.kv.base import (
     BlockTarget,
     KVReader,
     ReadResult,
-    check_layouts,
-    check_lease_time,
-    check_offered,
-    check_span,
+    check_read,
     check_src_ids,
 )
 from kvrelay.transport.kv.copy import block_runs
@@ -206,10 +203,7 @@ class CudaIpcReader(KVReader):
         timeout_s: float,
     ) -> ReadResult:
         t0 = time.monotonic()
-        check_offered(desc, self.backend)
-        check_layouts(desc, target)
-        check_span(desc, len(dst_block_ids), first_block)
-        check_lease_time(desc)
+        src = check_read(desc, target, len(dst_block_ids), first_block, self.backend)
         kv = target.kv
         if not kv.is_cuda or kv.stride(2) != 1:
             raise LayoutMismatch("cuda-ipc reads into a CUDA cache with contiguous pages")
@@ -219,7 +213,6 @@ class CudaIpcReader(KVReader):
             raise PeerGone(f"the export is on GPU {remote.uuid}, this cache on {here}")
         check_src_ids(desc, remote.num_blocks)
         base = self._base(desc.region, remote, kv.device.index)
-        src = list(desc.block_ids[first_block : first_block + len(dst_block_ids)])
         if not self._tickets_match(base, remote.num_blocks, src, desc.ticket):
             raise LeaseExpired(f"ticket {desc.ticket} no longer holds its blocks")
         stream = self._stream(kv.device.index)

@@ -44,10 +44,7 @@ from kvrelay.transport.kv.base import (
     BlockTarget,
     KVReader,
     ReadResult,
-    check_layouts,
-    check_lease_time,
-    check_offered,
-    check_span,
+    check_read,
     check_src_ids,
     page_spans,
     pair_spans,
@@ -181,15 +178,11 @@ class NixlReader(KVReader):
     ) -> ReadResult:
         t0 = time.monotonic()
         deadline = t0 + timeout_s
-        check_offered(desc, self.backend)
-        check_layouts(desc, target)
-        check_span(desc, len(dst_block_ids), first_block)
-        check_lease_time(desc)
+        src = check_read(desc, target, len(dst_block_ids), first_block, self.backend)
         loc = Locator.parse(desc.region)
         check_src_ids(desc, loc.num_blocks)
         kv = target.kv
         mem, dev = ("VRAM", kv.device.index) if kv.is_cuda else ("DRAM", 0)
-        src = list(desc.block_ids[first_block : first_block + len(dst_block_ids)])
         bn = block_nbytes(desc.layout)
         with self._lock:
             agent = self._agent_now()

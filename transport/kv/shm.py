@@ -31,10 +31,7 @@ from kvrelay.transport.kv.base import (
     BlockTarget,
     KVReader,
     ReadResult,
-    check_layouts,
-    check_lease_time,
-    check_offered,
-    check_span,
+    check_read,
     check_src_ids,
     host_identity,
 )
@@ -67,14 +64,8 @@ class ShmReader(KVReader):
     ) -> ReadResult:
         t0 = time.monotonic()
         deadline = t0 + timeout_s
-        check_offered(desc, "shm")
-        if desc.host != self._host:
-            raise PeerGone(f"region is on host {desc.host!r}; shm reads only on {self._host!r}")
-        check_layouts(desc, target)
-        check_span(desc, len(dst_block_ids), first_block)
-        check_lease_time(desc)
+        src = check_read(desc, target, len(dst_block_ids), first_block, "shm", host=self._host)
         region = self._region(desc)
-        src = list(desc.block_ids[first_block : first_block + len(dst_block_ids)])
         check_src_ids(desc, region.num_blocks)
         if not region.tickets_match(src, desc.ticket):
             raise LeaseExpired(f"ticket {desc.ticket} no longer holds its blocks")

@@ -44,10 +44,8 @@ from kvrelay.transport.kv.base import (
     BlockTarget,
     KVReader,
     ReadResult,
-    check_layouts,
-    check_lease_time,
-    check_offered,
-    check_span,
+    check_read,
+    offered,
     page_spans,
 )
 from kvrelay.transport.kv.region import layout_fingerprint
@@ -167,12 +165,9 @@ class TcpReader(KVReader):
     ) -> ReadResult:
         t0 = time.monotonic()
         deadline = _Deadline(timeout_s, f"tcp read of {len(dst_block_ids)} blocks")
-        check_offered(desc, self.backend)
-        if not desc.endpoint:
+        if self.backend in offered(desc) and not desc.endpoint:
             raise PeerGone("the descriptor names no tcp endpoint")
-        check_layouts(desc, target)
-        check_span(desc, len(dst_block_ids), first_block)
-        check_lease_time(desc)
+        check_read(desc, target, len(dst_block_ids), first_block, self.backend)
         deadline.left()
         views = _views(page_spans(target, dst_block_ids))
         want = len(dst_block_ids) * target.kv.shape[1] * target.kv.shape[2] * target.kv.element_size()
