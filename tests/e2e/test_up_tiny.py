@@ -229,3 +229,29 @@ async def test_up_nats_intake_invalid_request_gets_an_error_chunk(tiny_deploymen
         assert r.status_code == 200
     finally:
         await nc.close()
+
+
+@pytest.mark.parametrize("backend,endpoint", [("openai-chat", "/v1/chat/completions"),
+                                              ("openai", "/v1/completions")])
+def test_up_serves_vllm_benchmark_client(tiny_deployment, tmp_path, backend, endpoint) -> None:
+    """vLLM's own serving benchmark (a standard OpenAI-compatible client) runs clean against kvrelay."""
+    import os
+    import subprocess
+    import sys
+
+    from kvrelay import models
+
+    out = tmp_path / "result.json"
+    argv = [sys.executable, "-m", "kvrelay.loadtest.vllm_bench", "--backend", backend,
+            "--base-url", tiny_deployment.url, "--endpoint", endpoint, "--model", "kvrelay-tiny",
+            "--tokenizer", str(models.model_dir("tiny")), "--dataset-name", "random",
+            "--random-input-len", "96", "--random-output-len", "8", "--num-prompts", "4",
+            "--max-concurrency", "2", "--ignore-eos", "--save-result", "--result-dir", str(tmp_path),
+            "--result-filename", out.name]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert (result["completed"], result["failed"]) == (4, 0), result.get("errors")
+    assert result["total_output_tokens"] == 4 * 8
+    assert result["median_ttft_ms"] > 0
