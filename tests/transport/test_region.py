@@ -223,3 +223,36 @@ def test_region_without_prefault_works_the_same(tmp_path: Path) -> None:
         other.close()
     finally:
         r.close()
+
+
+def test_region_sweep_removes_only_regions_whose_owner_died(tmp_path: Path) -> None:
+    """A SIGKILLed owner's region is swept by the next create; live ones and foreign files stay."""
+    from kvrelay.transport.kv.region import sweep_stale
+
+    code = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from kvrelay.schemas.messages import KVLayout
+        from kvrelay.transport.kv.region import ExportRegion, new_region_name
+        layout = KVLayout(**{LAYOUT.to_mapping()!r})
+        r = ExportRegion.create(new_region_name(), layout, num_blocks=4, directory=Path({str(tmp_path)!r}))
+        print(r.name, flush=True)
+        sys.stdin.read()  # until the parent kills us
+    """)
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        name = child.stdout.readline().strip()
+        assert (tmp_path / name).exists()
+        (tmp_path / "sem.other-program").write_bytes(b"x")  # not ours: never touched
+        mine = ExportRegion.create(new_region_name(), LAYOUT, num_blocks=2, directory=tmp_path)
+        assert sweep_stale(tmp_path, min_age_s=0) == []  # both owners alive
+        assert sweep_stale(tmp_path) == []  # and young files are never judged
+    finally:
+        child.kill()
+        child.wait(30)
+    assert (tmp_path / name).exists()  # SIGKILL: nothing of the owner's cleanup ran
+    assert sweep_stale(tmp_path, min_age_s=0) == [name]
+    assert not (tmp_path / name).exists()
+    assert (tmp_path / mine.name).exists() and (tmp_path / "sem.other-program").exists()
+    mine.close()
+    assert not (tmp_path / mine.name).exists()

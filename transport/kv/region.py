@@ -26,15 +26,20 @@ Aligned 8-byte stores are atomic and stores are not reordered with other stores 
 a weakly ordered CPU would need fences around the ticket writes.
 
 The owner's file is unlinked by ``close``, or at interpreter exit at the latest. A region left
-behind by a killed owner (SIGKILL, OOM) stays in ``/dev/shm`` as ``kvrelay-<pid>-<hex>`` until
-removed by hand (or reboot): it is not swept automatically, since pids are not unique across
-containers sharing ``/dev/shm``.
+behind by a killed owner (SIGKILL, OOM) is swept by the next ``create`` in the same directory:
+every owner holds a shared ``flock`` on its file for the region's life, the kernel drops it when
+the owner dies however it dies, and ``sweep_stale`` unlinks the ``kvrelay-*`` files on which an
+exclusive lock can be taken (no live owner) and that are older than ``min_age_s`` (a file being
+created is never taken for a dead one). Locks, unlike pids, hold across containers that share
+``/dev/shm``. Readers that still map a swept region keep their mapping (unlink frees the memory
+when the last mapping goes).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import fcntl
 import mmap
 import os
 import re
@@ -48,6 +53,7 @@ from pathlib import Path
 
 import torch
 
+from kvrelay.logs import get_logger
 from kvrelay.schemas.messages import KVLayout
 from kvrelay.transport.errors import LayoutMismatch, PeerGone, TransportError
 
@@ -62,6 +68,8 @@ _OWNER_MAP = struct.Struct("<8sQQ")
 OWNER_MAP_AT = 512
 OWNER_MAGIC = b"KVRCMA01"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_OURS = re.compile(r"kvrelay-[0-9]+-[0-9a-f]{8}")  # what new_region_name makes: the only files swept
+log = get_logger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -131,6 +139,50 @@ def parse_header(header: bytes | memoryview, name: str, layout: KVLayout) -> tup
     return num_blocks, data_offset, data_bytes
 
 
+def _drop(path: Path, lock_fd: int | None) -> None:
+    """The owner's last act: unlink the file, then let go of its lock."""
+    path.unlink(missing_ok=True)
+    if lock_fd is not None:
+        try:
+            os.close(lock_fd)
+        except OSError:
+            pass
+
+
+def sweep_stale(directory: Path | None = None, min_age_s: float = 10.0) -> list[str]:
+    """Unlink the regions in ``directory`` that no live process owns (see the module doc);
+    returns their names. Never raises: a file it cannot judge is left alone."""
+    directory = directory or default_dir()
+    swept: list[str] = []
+    try:
+        entries = [e for e in os.scandir(directory) if _OURS.fullmatch(e.name)]
+    except OSError:
+        return swept
+    now = time.time()
+    for entry in entries:
+        try:
+            if now - entry.stat().st_mtime < min_age_s:
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live owner holds it
+        else:
+            try:
+                os.unlink(entry.path)
+                swept.append(entry.name)
+            except OSError:
+                pass
+        finally:
+            os.close(fd)
+    if swept:
+        log.warning("kv_regions_swept", directory=str(directory), regions=swept)
+    return swept
+
+
 def check_region_name(name: str) -> None:
     """``PeerGone`` unless ``name`` is a plain region file name (no path parts)."""
     if not isinstance(name, str) or not _NAME.match(name):
@@ -149,6 +201,7 @@ class ExportRegion:
         num_blocks: int,
         data_offset: int,
         owner: bool,
+        lock_fd: int | None = None,
     ) -> None:
         self.name = name
         self.path = path
@@ -158,7 +211,7 @@ class ExportRegion:
         self._mm: mmap.mmap | None = mm
         self.data_offset = data_offset
         # the owner's file goes at interpreter exit at the latest, even if close() is never called
-        self._unlink = weakref.finalize(self, path.unlink, missing_ok=True) if owner else None
+        self._unlink = weakref.finalize(self, _drop, path, lock_fd) if owner else None
         dtype = torch_dtype(layout.dtype)
         # int64[num_blocks]
         self.tickets = torch.frombuffer(mm, dtype=torch.int64, count=num_blocks, offset=HEADER_BYTES)
@@ -208,8 +261,10 @@ class ExportRegion:
         data_offset = _align(HEADER_BYTES + 8 * num_blocks)
         data_bytes = num_blocks * block_nbytes(layout)
         size = data_offset + data_bytes
+        sweep_stale(path.parent)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_SH)  # held for the region's life: "a live owner"
         except OSError as exc:
             raise TransportError(f"cannot create export region {path}: {exc}") from exc
         try:
@@ -221,7 +276,6 @@ class ExportRegion:
             os.close(fd)
             path.unlink(missing_ok=True)
             raise TransportError(f"cannot size export region {path} to {size} bytes: {exc}") from exc
-        os.close(fd)
         # the magic goes last: a half-made region is never attached
         header = _HEADER.pack(
             b"\x00" * 8,
@@ -235,7 +289,7 @@ class ExportRegion:
             int(time.time() * 1000),
         )
         mm[: _HEADER.size] = header
-        region = cls(name, path, mm, layout, num_blocks, data_offset, owner=True)
+        region = cls(name, path, mm, layout, num_blocks, data_offset, owner=True, lock_fd=fd)
         mm[OWNER_MAP_AT : OWNER_MAP_AT + _OWNER_MAP.size] = _OWNER_MAP.pack(
             OWNER_MAGIC, os.getpid(), region.base_address
         )
