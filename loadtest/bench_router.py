@@ -6,15 +6,20 @@ lives on one or two workers (routing affinity), until ``--blocks`` distinct bloc
 indexed. Queries are next turns: a conversation's history (a random number of its leading
 blocks) followed by new blocks, plus some cold prompts; the walk stops at the first new block.
 
-Measured, in one process, on identical events and queries:
+Each worker stores a system prompt once (a chain from the root) and then only its own blocks
+under it (``parent`` = the prompt's last block), as an engine does when the prompt is cached.
+
+Measured, in one process, on identical events and queries, ours and Dynamo's interleaved
+(batch by batch for events, query by query, alternating who goes first, for decisions) so
+machine load hits both alike; ``loadavg_1m`` is recorded before and after:
 - events_per_s: blocks applied per second from encoded ``KvEventBatch`` bytes (decode included);
-  Dynamo: ``RadixTree.apply_event`` on the same events as JSON, until a query sees the last one.
-- decision_us: ``KvAware.route`` on an already-hashed request (index walk + cost over the
+  Dynamo: ``RadixTree.apply_event`` on the same events as JSON (the same batches, timed alike).
+- decision_us: ``KvAware.route`` on an already-hashed request (index match + cost over the
   workers' loads); Dynamo: ``find_matches`` on the same request's block hashes.
 - hash_and_decision_us: from token ids (hashing included); Dynamo: ``compute_block_hash_for_seq``
   + ``find_matches``.
-Times are per call (perf_counter), ours and Dynamo's interleaved query by query; the heap built
-for the index is frozen (``gc.freeze``) as a long-running router would do.
+- match_us / match_linear_us: the index match alone, binary-search and linear walk (checked equal).
+The garbage collector runs with its defaults, as in the router (no freeze, no tuning).
 """
 
 from __future__ import annotations
@@ -93,30 +98,42 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def _build_events(w: Workload, root: int, spec: str, dyn: bool) -> tuple[list[bytes], list, int]:
-    """Encoded KvEventBatch bytes (ours) and JSON events (Dynamo's), identical content."""
+    """Encoded KvEventBatch bytes (ours) and, per batch, the same events as Dynamo JSON."""
     a = w.a
-    per_worker: list[list[KvEvent]] = [[] for _ in range(a.workers)]
-    dyn_events: list[tuple[int, list[tuple[int, int]]]] = []
+    per_worker: list[list[tuple[KvEvent, bytes | None]]] = [[] for _ in range(a.workers)]
     compute = None
     if dyn:
         from dynamo._core import compute_block_hash_for_seq as compute
-    blocks = 0
+    held: list[set[int]] = [set() for _ in range(a.workers)]  # system prompts a worker holds
+    sysb, blocks = a.system_blocks, 0
     for conv in range(w.conversations):
         toks = w.tokens(conv)
         ours = block_hashes(array("I", toks.tobytes()), w.bs, root)
         local = compute(toks.tolist(), w.bs) if compute else None
+        prompt = w.prompt_of[conv]
         for worker in w.holders[conv]:
-            per_worker[worker].append(KvEvent.stored(ours))
-            blocks += len(ours)
+            start = sysb if prompt in held[worker] else 0
+            held[worker].add(prompt)
+            parent = ours[start - 1] if start else None
+            ev = KvEvent.stored(ours[start:], parent=parent)
+            blocks += len(ours) - start
+            dj = None
             if local is not None:
-                dyn_events.append((worker, list(zip(ours, local))))
-    batches = []
+                dj = json.dumps({"event_id": 0, "dp_rank": 0, "data": {"stored": {
+                    "parent_hash": parent, "blocks": [{"block_hash": h, "tokens_hash": t}
+                                                      for h, t in zip(ours[start:], local[start:])]}}})
+            per_worker[worker].append((ev, dj))
+    batches, dyn_batches = [], []
     for worker, events in enumerate(per_worker):
         for i in range(0, len(events), a.batch_events):
+            chunk = events[i:i + a.batch_events]
             batches.append(encode(KvEventBatch(worker_id=f"w{worker}", epoch=1,
                                                event_id=i // a.batch_events + 1,
-                                               spec=spec, events=events[i:i + a.batch_events])))
-    return batches, dyn_events, blocks
+                                               spec=spec, events=[e for e, _ in chunk])))
+            if dyn:  # event ids numbered per worker, as Dynamo expects
+                dyn_batches.append([(worker, d.replace('"event_id": 0', f'"event_id": {i + k}', 1).encode())
+                                    for k, (_, d) in enumerate(chunk)])
+    return batches, dyn_batches, blocks
 
 
 def _queries(w: Workload, root: int, n: int) -> list[tuple[list[int], list[int]]]:
@@ -147,33 +164,65 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _apply_ours(batches: list[bytes], spec: str, cap: int) -> tuple[PrefixIndex, float]:
+def _apply_events(batches: list[bytes], dyn_batches: list, spec: str, cap: int) -> tuple[PrefixIndex, Any, float, float]:
+    """Apply every batch to our index and Dynamo's tree, interleaved, timing each side."""
     index = PrefixIndex(spec, max_blocks=cap)
-    t = time.perf_counter()
-    for data in batches:
+    tree = None
+    if dyn_batches:
+        from dynamo._core import RadixTree
+
+        tree = RadixTree()
+    t_ours = t_dyn = 0.0
+    clock = time.perf_counter
+    for i, data in enumerate(batches):
+        t = clock()
         index.apply(decode(data, KvEventBatch))
-    return index, time.perf_counter() - t
+        t_ours += clock() - t
+        if tree is not None:
+            apply = tree.apply_event
+            t = clock()
+            for wid, payload in dyn_batches[i]:
+                apply(wid, payload)
+            t_dyn += clock() - t
+    return index, tree, t_ours, t_dyn
 
 
-def _apply_dynamo(dyn_events: list, probe: tuple[int, list[int]]) -> tuple[Any, float]:
-    from dynamo._core import RadixTree
+def _time_passes(passes: dict[str, Callable[[int], Any]], pairs: list[tuple[str, str]], n: int,
+                 flush: Callable[[], None]) -> dict[str, list[float]]:
+    """Per-call times. A pair (ours, theirs) runs query by query, alternating who goes first."""
+    t: dict[str, list[float]] = {name: [] for name in passes}
+    clock = time.perf_counter
+    paired = {x for pair in pairs for x in pair}
+    for ours, theirs in pairs:
+        if theirs not in passes:
+            continue
+        for i in range(n):
+            for name in ((ours, theirs) if i % 2 else (theirs, ours)):
+                fn = passes[name]
+                t0 = clock()
+                fn(i)
+                t[name].append(clock() - t0)
+            if i % 64 == 63:
+                flush()  # what apply() does between decisions in a live router
+    for name, fn in passes.items():
+        if name in paired and t[name]:
+            continue
+        for i in range(n):
+            t0 = clock()
+            fn(i)
+            t[name].append(clock() - t0)
+            if i % 64 == 63:
+                flush()
+    return t
 
-    payloads = []
-    next_id: dict[int, int] = {}
-    for worker, blocks in dyn_events:
-        eid = next_id.get(worker, 0)
-        next_id[worker] = eid + 1
-        ev = {"event_id": eid, "data": {"stored": {"parent_hash": None, "blocks": [
-            {"block_hash": h, "tokens_hash": t} for h, t in blocks]}}, "dp_rank": 0}
-        payloads.append((worker, json.dumps(ev).encode()))
-    tree = RadixTree()
-    worker, local = probe
-    t = time.perf_counter()
-    for wid, data in payloads:
-        tree.apply_event(wid, data)
-    while tree.find_matches(local).scores.get((worker, 0), 0) < len(local):  # the last event is in
-        pass
-    return tree, time.perf_counter() - t
+
+def _index_mb(index: PrefixIndex) -> float:
+    """Memory of the index's maps: dict tables plus the int objects they own (estimate)."""
+    m = index._map
+    size = sum(sys.getsizeof(d) for d in (m.holders, m.kid, m.kids, m.extra))
+    size += len(m.holders) * 36 + sum(sys.getsizeof(x) for x in m.kids.values())
+    size += sum(sys.getsizeof(v) for v in m.holders.values() if v > 1 << 30)  # shared small masks aside
+    return round(size / 2**20, 1)
 
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
@@ -186,21 +235,41 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             dyn, dyn_reason = False, f"ai-dynamo-runtime is not installed ({exc})"
     else:
         dyn_reason = "--no-dynamo"
+    load0 = os.getloadavg()[0]
     spec = HashSpec(a.block_size)
     root = spec.root(tenant_salt("bench-secret", "tenant-a"))
     w = Workload(a)
-    batches, dyn_events, stored_blocks = _build_events(w, root, spec.fingerprint, dyn)
+    batches, dyn_batches, stored_blocks = _build_events(w, root, spec.fingerprint, dyn)
     gc.collect()
     rss0 = _rss_mb()
-    index, t_ours = _apply_ours(batches, spec.fingerprint, cap=max(a.blocks, 1) * 2)
-    rss_index = _rss_mb() - rss0
+    index, tree, t_ours, t_dyn = _apply_events(batches, dyn_batches, spec.fingerprint,
+                                               cap=max(a.blocks, 1) * 2)
     res: dict[str, Any] = {
         "bench": "router", "workers": a.workers, "blocks_indexed": len(index),
         "entries": index.stats()["entries"], "block_size": a.block_size, "query_blocks": a.query_blocks,
         "queries": a.queries, "events_per_s": round(stored_blocks / t_ours),
-        "event_batches": len(batches), "index_rss_mb": round(rss_index, 1),
-        "index_max_blocks": index.max_blocks,
+        "event_blocks": stored_blocks, "event_batches": len(batches), "index_mb": _index_mb(index),
+        "rss_delta_mb": round(_rss_mb() - rss0, 1), "index_max_blocks": index.max_blocks,
     }
+    if tree is not None:
+        res["dynamo"] = {"version": _dynamo_version(), "events_per_s": round(stored_blocks / t_dyn)}
+    del batches, dyn_batches
+    t, agree = _decisions(a, w, root, index, tree)
+    res.update(_ours_figures(t, index))
+    if tree is not None:
+        res.update(_dynamo_figures(res, t, agree, a.queries))
+    else:
+        res["dynamo"] = None
+        res["dynamo_skipped"] = dyn_reason
+    res["gc"] = "defaults (no freeze, no tuning), as in the router"
+    res["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(),
+                      "platform": platform.machine(), "loadavg_1m_at_start": round(load0, 2),
+                      "loadavg_1m_at_end": round(os.getloadavg()[0], 2)}
+    return res
+
+
+def _decisions(a: argparse.Namespace, w: Workload, root: int, index: PrefixIndex,
+               tree: Any) -> tuple[dict[str, list[float]], tuple[int, int]]:
     policy = KvAware(index=index, block_size=a.block_size, seed=a.seed)
     rng = random.Random(a.seed + 2)
     views = []
@@ -209,79 +278,68 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         policy.board.set(f"w{i}", queued_tokens=q, active=act)
         views.append(WorkerView(f"w{i}", queued_tokens=q, active=act))
     queries = _queries(w, root, a.queries)
-    tree = None
-    if dyn:
-        from dynamo._core import compute_block_hash_for_seq
-
-        conv = w.conversations - 1
-        probe = (w.holders[conv][-1], compute_block_hash_for_seq(w.tokens(conv).tolist(), w.bs))
-        tree, t_dyn = _apply_dynamo(dyn_events, probe)
-        res["dynamo"] = {"version": _dynamo_version(), "events_per_s": round(stored_blocks / t_dyn)}
-        dyn_local = [compute_block_hash_for_seq(toks, w.bs) for toks, _ in queries]
-    del batches, dyn_events
-    gc.collect()
-    gc.freeze()
     reqs = [RouteRequest(request_id=str(i), tenant="tenant-a", num_tokens=len(toks), block_hashes=hashes)
             for i, (toks, hashes) in enumerate(queries)]
+    bs = a.block_size
 
     def hash_and_route(i: int) -> None:
         toks = queries[i][0]
         policy.route(RouteRequest(request_id=str(i), tenant="tenant-a", num_tokens=len(toks),
-                                  block_hashes=block_hashes(toks, a.block_size, root)))
+                                  block_hashes=block_hashes(toks, bs, root)))
 
     passes: dict[str, Callable[[int], Any]] = {
         "decision": lambda i: policy.route(reqs[i]),
-        "match": lambda i: index.match_masks(reqs[i].block_hashes),
-        "views": lambda i: policy.decide(reqs[i], views),
-        "hash": lambda i: block_hashes(queries[i][0], a.block_size, root),
         "hash_decision": hash_and_route,
+        "match": lambda i: index.match_masks(reqs[i].block_hashes),
+        "match_linear": lambda i: index.match_masks_linear(reqs[i].block_hashes),
+        "views": lambda i: policy.decide(reqs[i], views),
+        "hash": lambda i: block_hashes(queries[i][0], bs, root),
     }
     if tree is not None:
+        from dynamo._core import compute_block_hash_for_seq
+
+        dyn_local = [compute_block_hash_for_seq(toks, w.bs) for toks, _ in queries]
         passes["d_decision"] = lambda i: tree.find_matches(dyn_local[i])
-        passes["d_hash_decision"] = lambda i: tree.find_matches(
-            compute_block_hash_for_seq(queries[i][0], w.bs))
-    # one pass per measurement, ours and Dynamo's alternating, every pass over the same queries
-    order = ["decision", "d_decision", "hash_decision", "d_hash_decision", "match", "views", "hash"]
-    t: dict[str, list[float]] = {}
-    for name in [n for n in order if n in passes]:
-        fn, times = passes[name], []
-        for i in range(len(reqs)):
-            times.append(_timed(lambda: fn(i)))
-            if i % 64 == 63:
-                index.flush_touches()  # what apply() does between decisions in a live router
-        t[name] = times
-    agree = 0
+        passes["d_hash_decision"] = lambda i: tree.find_matches(compute_block_hash_for_seq(queries[i][0], bs))
+    gc.collect()
+    t = _time_passes(passes, [("decision", "d_decision"), ("hash_decision", "d_hash_decision")],
+                     len(reqs), index.flush_touches)
+    linear = sum(index.match_masks(h) == index.match_masks_linear(h) for _, h in queries)
+    dyn_agree = 0
     if tree is not None:
         for i, (_, hashes) in enumerate(queries):
             theirs = {f"w{k[0]}": v for k, v in tree.find_matches(dyn_local[i]).scores.items() if v}
-            agree += theirs == index.match(hashes)
-    gc.unfreeze()
-    res.update({
+            dyn_agree += theirs == index.match(hashes)
+    return t, (linear, dyn_agree)
+
+
+def _ours_figures(t: dict[str, list[float]], index: PrefixIndex) -> dict[str, Any]:
+    return {
         "decision_us_p50": _pct(t["decision"], 0.5), "decision_us_p99": _pct(t["decision"], 0.99),
         "match_us_p50": _pct(t["match"], 0.5), "match_us_p99": _pct(t["match"], 0.99),
+        "match_linear_us_p50": _pct(t["match_linear"], 0.5),
         "decision_views_us_p50": _pct(t["views"], 0.5),
         "hash_us_p50": _pct(t["hash"], 0.5),
         "hash_and_decision_us_p50": _pct(t["hash_decision"], 0.5),
         "hash_and_decision_us_p99": _pct(t["hash_decision"], 0.99),
         "leave_ms": round(_timed(lambda: index.remove_worker("w0")) * 1e3, 1),
-    })
-    if tree is not None:
-        d = res["dynamo"]
-        d.update({"decision_us_p50": _pct(t["d_decision"], 0.5),
-                  "decision_us_p99": _pct(t["d_decision"], 0.99),
-                  "hash_and_decision_us_p50": _pct(t["d_hash_decision"], 0.5),
-                  "hash_and_decision_us_p99": _pct(t["d_hash_decision"], 0.99)})
-        res["ratio_vs_dynamo"] = round(res["decision_us_p50"] / d["decision_us_p50"], 3)
-        res["hash_ratio_vs_dynamo"] = round(
-            res["hash_and_decision_us_p50"] / d["hash_and_decision_us_p50"], 3)
-        res["events_ratio_vs_dynamo"] = round(res["events_per_s"] / d["events_per_s"], 3)
-        res["overlaps_agree_with_dynamo"] = f"{agree}/{len(queries)}"
-    else:
-        res["dynamo"] = None
-        res["dynamo_skipped"] = dyn_reason
-    res["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(),
-                      "platform": platform.machine(), "loadavg_1m_at_end": round(os.getloadavg()[0], 2)}
-    return res
+    }
+
+
+def _dynamo_figures(res: dict[str, Any], t: dict[str, list[float]], agree: tuple[int, int],
+                    n: int) -> dict[str, Any]:
+    d = res["dynamo"]
+    d.update({"decision_us_p50": _pct(t["d_decision"], 0.5),
+              "decision_us_p99": _pct(t["d_decision"], 0.99),
+              "hash_and_decision_us_p50": _pct(t["d_hash_decision"], 0.5),
+              "hash_and_decision_us_p99": _pct(t["d_hash_decision"], 0.99)})
+    return {
+        "ratio_vs_dynamo": round(res["decision_us_p50"] / d["decision_us_p50"], 3),
+        "hash_ratio_vs_dynamo": round(res["hash_and_decision_us_p50"] / d["hash_and_decision_us_p50"], 3),
+        "events_ratio_vs_dynamo": round(res["events_per_s"] / d["events_per_s"], 3),
+        "overlaps_agree_with_dynamo": f"{agree[1]}/{n}",
+        "binary_match_agrees_with_linear": f"{agree[0]}/{n}",
+    }
 
 
 def _dynamo_version() -> str:

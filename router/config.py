@@ -49,6 +49,10 @@ class RouterConfig(Struct):
     # decode affinity: prefill locally on the previous step's decode worker when it holds
     # all but at most this many prompt tokens
     kv_local_threshold_tokens: int = limit(256, min=0)
+    # dispatch local-prefill plans to decode workers (kvrelay.<ns>.local.<worker>); off: never
+    kv_local_prefill: bool = True
+    # sessions (client session_id -> the decode worker of its last step) kept; LRU eviction past it
+    max_sessions: int = limit(65536, min=1, max=1 << 24)
     # the prefix index (router/index.py): distinct block hashes kept (LRU eviction past it)
     kv_index_max_blocks: int = limit(1 << 20, min=1, max=1 << 28)
     kv_index_max_workers: int = limit(1024, min=1, max=65536)

@@ -7,6 +7,9 @@ One ``Flight`` per request, opened by ``Dispatcher.open`` (admission: ``max_infl
    this router's dispatch-time counts), send the ``PrefillTask`` by request/reply and, when
    the worker refuses (overloaded, draining) or does not answer, try the plan's fallbacks.
    All refuse -> ``Overloaded`` (429); no live worker -> ``NoWorkersAvailable`` (503).
+   A local-prefill plan (``kv_aware``, decode affinity: ``router/local_prefill.py``) sends the
+   task to the decode worker instead (``local.<worker>``); if it does not take it, the policy is
+   asked again without local options and the prefill path above follows.
 2. ``next_chunk``: the ``TokenChunk``s in ``seq`` order (``ReorderBuffer``), within the
    first-token timeout and the request's deadline (``DeadlineExceeded``); an error chunk
    raises ``UpstreamError`` with the worker's status.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 
@@ -43,8 +47,9 @@ from kvrelay.router.errors import (
     UpstreamError,
 )
 from kvrelay.router.inflight import DuplicateRequest, InflightFull, InflightTable
+from kvrelay.router.local_prefill import LocalRouting
 from kvrelay.router.metrics import RouterMetrics
-from kvrelay.router.policy import NoWorkers, Policy, RouteRequest, RouteResult
+from kvrelay.router.policy import NoWorkers, Plan, Policy, RouteRequest, RouteResult, WorkerView
 from kvrelay.router.policy_factory import needs_hashes
 from kvrelay.router.reorder import ReorderBuffer
 from kvrelay.schemas.codec import decode
@@ -89,6 +94,7 @@ class Dispatcher:
         self.bus, self.directory, self.policy, self.cfg = bus, directory, policy, cfg
         self.metrics, self.router_id, self.hasher = metrics, router_id, hasher
         self.table = InflightTable(cfg.max_inflight)
+        self.local = LocalRouting(cfg, metrics.registry)
         self.flights: dict[str, Flight] = {}
         self._cancel_sub: Subscription | None = None
 
@@ -159,7 +165,12 @@ class Flight:
         self.deadline = self.started + budget_s
         self.deadline_ms = int(time.time() * 1000 + budget_s * 1000)
         self.worker = ""
+        self.local = False  # the worker is a decode worker prefilling locally
         self.prompt_tokens = 0
+        self.session_id = ""
+        self._prompt: list[int] = []
+        self._hashes: Sequence[int] | None = None
+        self._output: list[int] = []  # output token ids, kept for a session's record only
         self.first_token_at: float | None = None
         self.finished = False
         self.closed = False
@@ -184,28 +195,34 @@ class Flight:
         return self._buffer.next_seq
 
     # --- dispatch ---------------------------------------------------------------------------------
-    async def dispatch(self, token_ids: list[int], sampling: SamplingSpec, stream_subject: str) -> str:
-        """Send the task to a prefill worker; returns the worker that took it."""
+    async def dispatch(self, token_ids: list[int], sampling: SamplingSpec, stream_subject: str,
+                       session_id: str = "") -> str:
+        """Send the task to a prefill worker (or, on a local plan, a decode worker); returns the
+        worker that took it. ``session_id`` ("" = none) names the client's session."""
         d = self._d
         if self.remaining() <= 0:
             raise DeadlineExceeded("the request's deadline passed before it was dispatched")
-        self.prompt_tokens = len(token_ids)
+        self.prompt_tokens, self._prompt, self.session_id = len(token_ids), token_ids, session_id
         self._sub = await d.bus.subscribe(stream_subject, self._on_chunk)
         infos = d.directory.live("prefill")
         views = d.table.views(infos)
         if not views:
             raise NoWorkersAvailable("no prefill worker is available", retry_after_s=1.0)
         hashes = d.hasher(token_ids, self.tenant) if d.hasher and needs_hashes(d.policy) else None
-        request = RouteRequest(self.request_id, self.tenant, len(token_ids), block_hashes=hashes)
-        try:
-            plan = d.policy.decide(request, views)
-        except NoWorkers as exc:
-            raise NoWorkersAvailable(str(exc), retry_after_s=1.0) from exc
+        self._hashes = hashes
+        request = d.local.route_request(self.request_id, self.tenant, len(token_ids), hashes, session_id,
+                                        d.directory.live("decode") if hashes is not None else ())
+        plan = self._decide(request, views)
         task = PrefillTask(
             request_id=self.request_id, tenant=self.tenant, prompt_token_ids=token_ids, sampling=sampling,
             stream_subject=stream_subject, deadline_ms=self.deadline_ms, router_id=d.router_id,
             arrival_ms=self.arrival_ms,
         )
+        if plan.mode == "local":
+            if await self._local(plan, task):
+                return self.worker
+            plan = self._decide(dataclasses.replace(request, previous_decode="", previous_blocks=0,
+                                                    decode_candidates=()), views)
         block_size = {i.worker_id: i.block_size for i in infos}
         refusals = []
         for wid in (plan.worker_id, *plan.fallbacks):
@@ -216,8 +233,7 @@ class Flight:
             d.policy.update(RouteResult(self.request_id, wid, "dispatched", len(token_ids), cached))
             reason = await self._try(wid, task)
             if reason is None:
-                self.worker = wid
-                self._first_deadline = min(self.deadline, time.monotonic() + d.cfg.first_token_timeout_s)
+                self._taken(wid)
                 return wid
             d.table.unassign(self.request_id)
             d.policy.update(RouteResult(self.request_id, wid, "rejected"))
@@ -225,13 +241,42 @@ class Flight:
             refusals.append(reason)
         raise Overloaded(f"all prefill workers are busy ({len(refusals)} tried: {', '.join(refusals)})")
 
-    async def _try(self, worker_id: str, task: PrefillTask) -> str | None:
-        """None when ``worker_id`` took the task, else why not."""
+    def _decide(self, request: RouteRequest, views: list[WorkerView]) -> Plan:
+        try:
+            return self._d.policy.decide(request, views)
+        except NoWorkers as exc:
+            raise NoWorkersAvailable(str(exc), retry_after_s=1.0) from exc
+
+    def _taken(self, worker_id: str) -> None:
+        self.worker = worker_id
+        self._first_deadline = min(self.deadline, time.monotonic() + self._d.cfg.first_token_timeout_s)
+
+    async def _local(self, plan: Plan, task: PrefillTask) -> bool:
+        """Offer the task to the plan's decode worker for a local prefill; True when it took it."""
+        d, wid = self._d, plan.worker_id
+        if self.remaining() <= 0:
+            raise DeadlineExceeded("the request's deadline passed before it was dispatched")
+        info = d.directory.get(wid)
+        cached = plan.cached_blocks * (info.block_size if info else 0)
+        d.table.assign(self.request_id, wid, self.prompt_tokens - cached)
+        reason = await self._try(wid, task, local=True)
+        d.local.metrics.dispatches.labels(plan.reason or "local", reason or "accepted").inc()
+        if reason is None:
+            self.local = True
+            self._taken(wid)
+            return True
+        d.table.unassign(self.request_id)
+        return False
+
+    async def _try(self, worker_id: str, task: PrefillTask, local: bool = False) -> str | None:
+        """None when ``worker_id`` took the task, else why not. ``local``: a decode worker's local
+        prefill (any refusal, "invalid" included, leaves the prefill path open)."""
         d = self._d
         timeout = max(0.01, min(d.cfg.dispatch_timeout_s, self.remaining()))
+        subject = d.bus.subjects.local_prefill(worker_id) if local else d.bus.subjects.prefill(worker_id)
         before, self._maybe_taken = self._maybe_taken, True  # cancelled mid-request: it may have it
         try:
-            reply = await d.bus.request(d.bus.subjects.prefill(worker_id), task, DispatchReply, timeout=timeout)
+            reply = await d.bus.request(subject, task, DispatchReply, timeout=timeout)
         except BusUnavailable:
             self._maybe_taken = before
             return "unreachable"
@@ -245,7 +290,7 @@ class Flight:
         if reply.accepted:
             return None
         self._maybe_taken = before
-        if reply.code == "invalid":
+        if reply.code == "invalid" and not local:
             raise BadRequest(f"the prefill worker refused the request: {reply.reason}")
         log.info("dispatch_refused", request_id=self.request_id, worker=worker_id, code=reply.code,
                  reason=reply.reason)
@@ -313,6 +358,8 @@ class Flight:
         else:
             d.metrics.inter_token.observe(now - self._last_chunk_at)
         self._last_chunk_at = now
+        if self.session_id:
+            self._output.extend(chunk.token_ids)
         if chunk.finish_reason is None:
             return
         self.finished = True
@@ -322,6 +369,9 @@ class Flight:
             d.policy.update(RouteResult(self.request_id, self.worker, "failed"))
             raise UpstreamError(info)
         d.metrics.e2e.observe(now - self.started)
+        if self.session_id and chunk.worker:
+            d.local.finished(self.tenant, self.session_id, d.directory.get(chunk.worker), self._prompt,
+                             self._output, self._hashes, d.hasher)
 
     # --- the end ----------------------------------------------------------------------------------
     async def close(self, reason: str = "cancelled", cancel: bool = True) -> None:

@@ -180,6 +180,8 @@ class KvIndexCollector:
         "evictions": "Block hashes evicted by the index cap (LRU)",
         "unknown_removes": "Removed events for hashes the index did not hold",
         "pending_dropped": "Batches dropped while a worker was stale",
+        "orphan_blocks": "Stored blocks skipped: their parent block is not held by that worker",
+        "cascaded_blocks": "Blocks cleared below a block their worker removed",
     }
 
     def __init__(self, index: PrefixIndex, subscriber: KvEventsSubscriber | None = None) -> None:

@@ -24,7 +24,7 @@ from kvrelay.router.config import RouterConfig
 from kvrelay.router.dispatcher import Dispatcher, Flight
 from kvrelay.router.errors import BadRequest, ModelNotFound, PayloadTooLarge, RouterError
 from kvrelay.router.metrics import CONTENT_TYPE, RouterMetrics
-from kvrelay.router.openai_api import Api, ParsedRequest, parse
+from kvrelay.router.openai_api import Api, ParsedRequest, parse, session_id
 from kvrelay.router.openai_format import SSE_DONE, Shaper, sse, usage_dict
 from kvrelay.router.tokenizer import RouterTokenizer
 from kvrelay.schemas.messages import TokenChunk
@@ -35,6 +35,7 @@ log = get_logger(__name__)
 
 TENANT_HEADER = "X-Kvrelay-Tenant"
 TIMEOUT_HEADER = "X-Kvrelay-Timeout"
+SESSION_HEADER = "X-Session-Id"
 SHUTDOWN_TIMEOUT_S = 5.0
 
 
@@ -191,6 +192,17 @@ class HttpApi:
                              param=TIMEOUT_HEADER)
         return value
 
+    def _session(self, request: web.Request, parsed: ParsedRequest) -> str:
+        """The body's ``session_id`` or the ``X-Session-Id`` header (both given: they must agree)."""
+        header = request.headers.get(SESSION_HEADER)
+        if header is None:
+            return parsed.session_id
+        sid = session_id(header, SESSION_HEADER)
+        if parsed.session_id and sid and sid != parsed.session_id:
+            raise BadRequest(f"header {SESSION_HEADER} and 'session_id' name different sessions",
+                             param=SESSION_HEADER)
+        return sid or parsed.session_id
+
     async def _tokens(self, parsed: ParsedRequest) -> list[int]:
         if parsed.messages is not None:
             return await self.tokenizer.encode_chat(parsed.messages)
@@ -208,7 +220,8 @@ class HttpApi:
         max_context = self.dispatcher.max_context(self.tokenizer.max_context)
         sampling = parsed.sampling(len(ids), max_context, self.cfg.max_prompt_tokens,
                                    self.cfg.default_max_tokens)
-        await flight.dispatch(ids, sampling, self.dispatcher.bus.subjects.tokens(flight.request_id))
+        await flight.dispatch(ids, sampling, self.dispatcher.bus.subjects.tokens(flight.request_id),
+                              self._session(request, parsed))
         first = await flight.next_chunk()  # errors before any output keep their HTTP status
         shaper = Shaper(parsed.api, flight.request_id, self.model_name, int(time.time()), parsed.include_usage)
         if parsed.stream:

@@ -5,19 +5,23 @@ it, and a flat map ``hash -> holders`` answers "how many leading blocks of this 
 each worker hold" by walking the request's hashes until no worker holds the next one.
 
 Representation (chosen for speed of ``match``): every worker gets a small slot number and the
-holders of a hash are an int bitmask of slots, so one dict lookup and one ``&`` per block walk
-all workers at once. The same hash can be stored twice by one worker (and removed twice):
-references beyond the first are counted in a side map that is empty in the common case.
+holders of a hash are an int bitmask of slots (``router.index_store.HolderMap``), kept
+prefix-closed per worker, so ``match`` binary-searches the depth at which each group of
+workers drops out (``router.index_match.resolve``: O(log blocks) lookups for a typical
+request) and gives exactly what the linear walk (``match_masks_linear``) gives. Workers loaded
+from a snapshot (no chain links) are matched by the linear walk until their entries are swept.
 
 Bounds and policies:
 - At most ``max_blocks`` distinct hashes. Storing past it evicts the least recently used
-  hashes, ``max_blocks // 64`` at a time (amortised O(1)); recency = last stored, or last walked
-  by ``match`` (match records its walk; the recency is applied at the next ``apply`` or
-  ``flush_touches``, off the decision path). Evictions are counted; an evicted hash is simply
-  unknown to the router (a routing hint lost, nothing else).
+  leaves (hashes no indexed hash descends from), ``max_blocks // 64`` at a time (amortised
+  O(1)); recency = last stored, or last walked by ``match`` (match
+  records its walk; the recency is applied at the next ``apply`` or ``flush_touches``, off the
+  decision path). Evictions are counted; an evicted hash is simply unknown to the router (a
+  routing hint lost, nothing else).
 - At most ``max_workers`` workers (slots); ``add_worker`` past it raises ``IndexFull``.
 - Batches held while a worker is stale: at most ``max_pending`` per worker; past it the oldest
   are dropped and counted, and the worker needs another snapshot.
+- Recent match walks kept for recency: at most ``max_touches`` (oldest dropped).
 
 Event ids: a worker's batches are numbered 1, 2, ... within an epoch. A batch with the next id
 is applied; an old id is a duplicate (ignored, counted); a higher id is a gap: the worker is
@@ -28,12 +32,13 @@ the caller is told to request a snapshot. A new epoch means the worker's cache r
 
 from __future__ import annotations
 
-from collections import Counter, deque
-from itertools import islice
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from kvrelay.router.index_match import resolve, walk
+from kvrelay.router.index_store import HolderMap
 from kvrelay.schemas.hashing import HashSpecMismatch
 from kvrelay.schemas.kv_events import KvEventBatch
 
@@ -64,7 +69,6 @@ class _Worker:
     epoch: int = -1
     last_event: int = 0
     stale: bool = False
-    held: int = 0  # distinct hashes held
     pending: deque = field(default_factory=deque)  # batches received while stale
 
 
@@ -79,9 +83,12 @@ class PrefixIndex:
         self.max_blocks = max_blocks
         self.max_workers = max_workers
         self.max_pending = max_pending
-        self._evict_chunk = max(1, max_blocks // 64)
-        self._holders: dict[int, int] = {}  # hash -> slot bitmask, in LRU order (oldest first)
-        self._extra: dict[int, int] = {}  # (slot << 64 | hash) -> references beyond the first
+        self.counters = dict.fromkeys(
+            ("applied_batches", "applied_blocks", "duplicates", "gaps", "resyncs", "rejected",
+             "spec_mismatches", "evictions", "unknown_removes", "pending_dropped", "epochs",
+             "orphan_blocks", "cascaded_blocks"), 0)
+        self._map = HolderMap(max_blocks, self.counters)
+        self._holders = self._map.holders  # the same dict object, for match
         self._workers: dict[str, _Worker] = {}
         self._by_slot: list[_Worker | None] = []
         self._ids: list[str] = []  # slot -> worker id ("" when free), for match
@@ -90,9 +97,6 @@ class PrefixIndex:
         self._usable = 0  # bitmask of registered, non-stale slots
         self.version = 0  # bumped whenever a worker gets or loses a slot
         self._touches: deque[tuple[Sequence[int], int]] = deque(maxlen=max_touches)
-        self.counters = dict.fromkeys(
-            ("applied_batches", "applied_blocks", "duplicates", "gaps", "resyncs", "rejected",
-             "spec_mismatches", "evictions", "unknown_removes", "pending_dropped", "epochs"), 0)
 
     # --- workers -----------------------------------------------------------------------------
     def add_worker(self, worker_id: str, spec: str) -> bool:
@@ -119,6 +123,7 @@ class PrefixIndex:
         self._workers[worker_id] = w
         self._by_slot[slot] = w
         self._ids[slot] = worker_id
+        self._map.add_slot(slot)
         self._usable |= 1 << slot
         self.version += 1
         return True
@@ -128,7 +133,7 @@ class PrefixIndex:
         w = self._workers.pop(worker_id, None)
         if w is None:
             return False
-        self._sweep(w)
+        self._map.sweep(w.slot)
         self._usable &= ~(1 << w.slot)
         self._by_slot[w.slot] = None
         self._ids[w.slot] = ""
@@ -162,28 +167,25 @@ class PrefixIndex:
     def match_masks(self, hashes: Sequence[int]) -> list[tuple[int, int]]:
         """``[(slot bitmask, leading blocks)]``, deepest first, masks disjoint, depths >= 1.
 
-        The fast form of ``match``: one dict lookup and one ``&`` per block, one entry per
-        depth at which workers drop out (not per worker). ``bit(worker)`` maps back.
+        The fast form of ``match``: a binary search per group of workers that drop out at the
+        same depth (see module doc), not a lookup per block. ``bit(worker)`` maps back.
         """
+        if not hashes:
+            return []
         get = self._holders.get
-        active = self._usable
-        out: list[tuple[int, int]] = []
-        depth = 0
-        for h in hashes:
-            held = get(h, 0) & active
-            if held != active:
-                if depth:
-                    out.append((active & ~held, depth))
-                active = held
-                if not active:
-                    break
-            depth += 1
-        if active and depth:
-            out.append((active, depth))
-        if out:
-            self._touches.append((hashes, out[-1][1]))
-            out.reverse()
+        first = get(hashes[0], 0) & self._usable
+        if not first:
+            return []
+        if first & self._map.unlinked:
+            out = walk(get, hashes, self._usable)
+        else:
+            out = resolve(get, hashes, first)
+        self._touches.append((hashes, out[0][1]))
         return out
+
+    def match_masks_linear(self, hashes: Sequence[int]) -> list[tuple[int, int]]:
+        """``match_masks`` by the linear walk (the reference; no recency recorded)."""
+        return walk(self._holders.get, hashes, self._usable)
 
     def bit(self, worker_id: str) -> int:
         """The bitmask of a worker's slot in ``match_masks`` results (0 when unknown)."""
@@ -196,7 +198,7 @@ class PrefixIndex:
         pop = holders.pop
         while self._touches:
             hashes, depth = self._touches.popleft()
-            for h in hashes[:depth]:
+            for h in reversed(hashes[:depth]):  # root last: the most recent
                 m = pop(h, None)
                 if m is not None:
                     holders[h] = m  # re-inserted: now the most recent
@@ -235,120 +237,23 @@ class PrefixIndex:
         if self._touches:
             self.flush_touches()
         n = 0
+        store, remove, slot = self._map.store, self._map.remove, w.slot
         for ev in batch.events:
-            if ev.kind == "stored":
-                n += self._store(w, ev.block_hashes)
-            elif ev.kind == "removed":
-                n += self._remove(w, ev.block_hashes)
+            kind = ev.kind
+            if kind == "stored":
+                n += store(slot, ev.block_hashes, ev.parent)
+            elif kind == "removed":
+                n += remove(slot, ev.block_hashes)
             else:
-                self._sweep(w)
+                self._map.sweep(slot)
         w.last_event = batch.event_id
         self.counters["applied_batches"] += 1
         self.counters["applied_blocks"] += n
         return n
 
-    def _store(self, w: _Worker, hashes: list[int]) -> int:
-        holders = self._holders
-        room = self.max_blocks - len(holders) - len(hashes)
-        if room < 0:
-            self._evict(-room + self._evict_chunk - 1)
-        bit = self._bits[w.slot]
-        known = holders.keys() & hashes  # C-level; usually few (shared prefixes)
-        fresh = dict.fromkeys(hashes, bit)
-        new = 0
-        if known:
-            extra, shifted, pop = self._extra, w.slot << 64, holders.pop
-            for h in known:
-                del fresh[h]
-                m = pop(h)  # re-inserted below: stored blocks become the most recent
-                if m & bit:
-                    key = shifted | h
-                    extra[key] = extra.get(key, 0) + 1
-                else:
-                    m |= bit
-                    new += 1
-                holders[h] = m
-        holders.update(fresh)  # the new hashes, in one C-level call
-        w.held += new + len(fresh)
-        if len(fresh) + len(known) != len(hashes):  # a hash listed twice: count the extra references
-            self._count_repeats(w.slot, hashes)
-        return len(hashes)
-
-    def _remove(self, w: _Worker, hashes: Iterable[int]) -> int:
-        holders, extra = self._holders, self._extra
-        get = holders.get
-        bit, shifted = 1 << w.slot, w.slot << 64
-        n = gone = 0
-        for h in hashes:
-            n += 1
-            m = get(h, 0)
-            if not m & bit:
-                self.counters["unknown_removes"] += 1  # evicted by our cap, or never seen
-                continue
-            if extra:
-                key = shifted | h
-                refs = extra.get(key)
-                if refs is not None:
-                    if refs > 1:
-                        extra[key] = refs - 1
-                    else:
-                        del extra[key]
-                    continue
-            m ^= bit
-            if m:
-                holders[h] = m
-            else:
-                del holders[h]
-            gone += 1
-        w.held -= gone
-        return n
-
-    def _count_repeats(self, slot: int, hashes: list[int]) -> None:
-        extra, shifted = self._extra, slot << 64
-        for h, refs in Counter(hashes).items():
-            if refs > 1:
-                extra[shifted | h] = extra.get(shifted | h, 0) + refs - 1
-
-    def _evict(self, n: int) -> None:
-        """Drop the ``n`` least recently used hashes (evicting in chunks keeps it amortised O(1))."""
-        holders, extra, by_slot = self._holders, self._extra, self._by_slot
-        victims = list(islice(holders, min(n, len(holders))))
-        self.counters["evictions"] += len(victims)
-        for h in victims:
-            m = holders.pop(h)
-            while m:
-                low = m & -m
-                slot = low.bit_length() - 1
-                m ^= low
-                w = by_slot[slot]
-                if w is not None:
-                    w.held -= 1
-                if extra:
-                    extra.pop(slot << 64 | h, None)
-
-    def _sweep(self, w: _Worker) -> None:
-        """Drop every entry of one worker: O(indexed blocks)."""
-        bit, keep = 1 << w.slot, ~(1 << w.slot)
-        holders = self._holders
-        emptied = []
-        for h, m in holders.items():
-            if m & bit:
-                m &= keep
-                if m:
-                    holders[h] = m
-                else:
-                    emptied.append(h)
-        for h in emptied:
-            del holders[h]
-        if self._extra:
-            mine = [k for k in self._extra if k >> 64 == w.slot]
-            for k in mine:
-                del self._extra[k]
-        w.held = 0
-
     def _reset(self, w: _Worker, epoch: int) -> None:
-        if w.held:
-            self._sweep(w)
+        if self._map.held[w.slot] or self._map.unlinked & (1 << w.slot):
+            self._map.sweep(w.slot)
         w.epoch, w.last_event, w.stale = epoch, 0, False
         w.pending.clear()
         self._usable |= 1 << w.slot
@@ -387,7 +292,7 @@ class PrefixIndex:
             return ApplyResult("rejected", reason=str(HashSpecMismatch(worker_id, self.spec, spec)))
         held = [b for b in w.pending if b.epoch == epoch and b.event_id > event_id]
         self._reset(w, epoch)
-        n = self._store(w, list(hashes))
+        n = self._map.store_unlinked(w.slot, list(hashes))
         w.last_event = event_id
         for b in sorted(held, key=lambda b: b.event_id):
             if b.event_id <= w.last_event:
@@ -400,25 +305,20 @@ class PrefixIndex:
 
     def snapshot(self, worker_id: str) -> list[int]:
         """Every hash a worker holds, a hash held twice listed twice (tests, debugging)."""
-        w = self._workers[worker_id]
-        bit = 1 << w.slot
-        out = [h for h, m in self._holders.items() if m & bit]
-        for key, refs in self._extra.items():
-            if key >> 64 == w.slot:
-                out.extend([key & ((1 << 64) - 1)] * refs)
-        return out
+        return self._map.slot_hashes(self._workers[worker_id].slot)
 
     # --- introspection -----------------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self._holders)
 
     def stats(self) -> dict[str, object]:
+        held = self._map.held
         return {
             "workers": len(self._workers),
             "stale_workers": sorted(w.worker_id for w in self._workers.values() if w.stale),
             "blocks": len(self._holders),
-            "entries": sum(w.held for w in self._workers.values()),
+            "entries": sum(held[w.slot] for w in self._workers.values()),
             "max_blocks": self.max_blocks,
-            "held": {w.worker_id: w.held for w in self._workers.values()},
+            "held": {w.worker_id: held[w.slot] for w in self._workers.values()},
             **self.counters,
         }

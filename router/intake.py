@@ -198,7 +198,8 @@ class Intake:
         max_tokens = fit_lengths(len(ids), req.sampling.max_tokens,
                                  self.dispatcher.max_context(self.tokenizer.max_context),
                                  self.cfg.max_prompt_tokens, self.cfg.default_max_tokens)
-        await flight.dispatch(ids, req.sampling.replace(max_tokens=max_tokens), req.stream_subject)
+        await flight.dispatch(ids, req.sampling.replace(max_tokens=max_tokens), req.stream_subject,
+                              req.session_id)
 
     async def _follow(self, flight: Flight, req: ClientRequest) -> None:
         """Read the stream the client gets, to its end or its deadline."""

@@ -11,7 +11,9 @@ finish. Ties are broken at random; ``temperature > 0`` samples from a softmax of
 instead of taking the minimum (seeded). Decode affinity: when the request continues a
 conversation or an agent's previous step (``previous_decode``) and that decode worker still
 holds all but at most ``local_threshold_tokens`` of the prompt, the plan is a local prefill
-there (``mode="local"``): no transfer. Pure and synchronous, like every policy.
+there (``mode="local"``): no transfer. Without a session, a decode candidate (``RouteRequest.
+decode_candidates``) that holds more of the prompt than any prefill worker (a previous step's
+output blocks) gets the same plan (``_local``). Pure and synchronous, like every policy.
 
 The fast path (``route``) reads loads from a ``LoadBoard`` kept sorted by load, so a decision
 costs one prefix-index walk plus O(workers holding the prefix + fallbacks), not O(workers).
@@ -28,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kvrelay.router.config import RouterConfig
+from kvrelay.router.fast_decide import rank_masks
 from kvrelay.router.index import PrefixIndex
 from kvrelay.router.policy import NoWorkers, Plan, Policy, RouteRequest, RouteResult, WorkerView
 
@@ -193,67 +196,65 @@ class KvAware(Policy):
         """Decide from the board and the index (or the given ``{worker: cached blocks}``)."""
         if not self.board:
             raise NoWorkers("no live prefill worker")
-        prev, held = request.previous_decode, 0
+        local = bool(request.previous_decode or request.decode_candidates)
         if overlap is None and self.index is not None and request.block_hashes and not self.temperature:
             records = self.index.match_masks(request.block_hashes)
             ranked, cached = self._rank_masks(request.num_tokens, records)
-            if prev:
-                held = _depth(self.index.bit(prev), records)
+            if local:
+                index, board = self.index, self._board_mask
+                deepest = next((d for m, d in records if m & board), 0)
+
+                def held_of(w: str) -> int:
+                    return _depth(index.bit(w), records)
         else:
             if overlap is None:
                 overlap = self._overlap(request)
             ranked = self._rank(request.num_tokens, overlap)
             cached = overlap.get(ranked[0][1], 0)
-            held = overlap.get(prev, 0) if prev else 0
+            if local:
+                deepest = max((c for w, c in overlap.items() if w in self.board), default=0)
+                held_of = overlap.get  # type: ignore[assignment]
         best_cost, best = ranked[0]
         fallbacks = tuple(w for _, w in ranked[1:])
-        if held and request.num_tokens - held * self.block_size <= self.local_threshold_tokens:
-            return Plan(worker_id=prev, fallbacks=(best, *fallbacks), cached_blocks=held,
-                        cost=0.0, reason="decode_affinity", mode="local")
+        if local:
+            plan = self._local(request, lambda w: held_of(w) or 0, deepest, (best, *fallbacks))
+            if plan is not None:
+                return plan
         return Plan(worker_id=best, fallbacks=fallbacks, cached_blocks=cached, cost=best_cost,
                     reason=self.name)
 
+    def _local(self, request: RouteRequest, held_of: Callable[[str], int], deepest: int,
+               prefill: tuple[str, ...]) -> Plan | None:
+        """A local-prefill plan, or None. ``deepest``: most leading blocks any prefill worker holds.
+
+        1. ``previous_decode`` (the session's last decode worker) holding all but at most
+           ``local_threshold_tokens`` of the prompt (the larger of the index's count and the
+           session's ``previous_blocks``): reason ``decode_affinity``.
+        2. Else the ``decode_candidates`` worker holding the most, if that is more than every
+           prefill worker holds (blocks only it has: a previous step's output) and leaves at
+           most ``local_threshold_tokens`` uncached: reason ``decode_cache``.
+        The fallbacks are the prefill plan's workers, best first.
+        """
+        need = request.num_tokens - self.local_threshold_tokens  # tokens the worker must hold
+        prev = request.previous_decode
+        if prev:
+            held = max(request.previous_blocks, held_of(prev))
+            if held and held * self.block_size >= need:
+                return Plan(worker_id=prev, fallbacks=prefill, cached_blocks=held, reason="decode_affinity",
+                            mode="local")
+        top, depth = "", deepest
+        for w in request.decode_candidates:
+            c = held_of(w) if w != prev else 0
+            if c > depth:
+                top, depth = w, c
+        if top and depth * self.block_size >= need:
+            return Plan(worker_id=top, fallbacks=prefill, cached_blocks=depth, reason="decode_cache",
+                        mode="local")
+        return None
+
     def _rank_masks(self, num_tokens: int, records: list[tuple[int, int]]) -> tuple[list, int]:
         """``_rank`` on ``PrefixIndex.match_masks`` records; also returns the winner's blocks."""
-        index = self.index
-        assert index is not None
-        if self._bits_key != (index.version, self.board.members):
-            self._bits = {w: index.bit(w) for w in self.board._loads}
-            self._board_mask = sum(self._bits.values())
-            self._bits_key = (index.version, self.board.members)
-        bm = self._board_mask
-        held = [(m & bm, d) for m, d in records if m & bm]
-        if not held:
-            return self._least_loaded(self.w_prefill * num_tokens), 0
-        bits, union = self._bits, 0
-        for m, _ in held:
-            union |= m
-        wp, bs, k = self.w_prefill, self.block_size, 1 + self.max_fallbacks
-        base = wp * num_tokens
-        floor = max(0.0, base - wp * bs * held[0][1])
-        unseen = union.bit_count()
-        top: list[tuple[float, str]] = []
-        ties: list[str] = []
-        for load, w in self.board.order():
-            if len(top) >= k and load + floor > top[-1][0]:
-                break
-            c = 0
-            bit = bits[w]
-            if bit & union:
-                c = _depth(bit, held)
-                unseen -= 1
-                if not unseen:
-                    floor = base
-            cost = max(0.0, base - wp * bs * c) + load
-            if not top or cost < top[0][0]:
-                ties = [w]
-            elif cost == top[0][0]:
-                ties.append(w)
-            if len(top) < k or cost < top[-1][0]:
-                insort(top, (cost, w))
-                del top[k:]
-        ranked = self._pick(top, ties)
-        return ranked, _depth(bits[ranked[0][1]], held)
+        return rank_masks(self, num_tokens, records)
 
     def _overlap(self, request: RouteRequest) -> dict[str, int]:
         if self.index is None or not request.block_hashes:
@@ -341,8 +342,9 @@ class Oracle(KvAware):
         if self.cached is None:
             raise ValueError("Oracle needs a cached(worker, request) function")
         out = {}
-        if request.previous_decode:
-            out[request.previous_decode] = self.cached(request.previous_decode, request)
+        for w in (request.previous_decode, *request.decode_candidates):
+            if w:
+                out[w] = self.cached(w, request)
         for _, w in self.board.order():
             n = self.cached(w, request)
             if n:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from kvrelay.router.errors import BadRequest, ContextTooLong
-from kvrelay.schemas.messages import MAX_STOP, SamplingSpec
+from kvrelay.schemas.errors import ValidationError
+from kvrelay.schemas.messages import MAX_SESSION_LEN, MAX_STOP, SamplingSpec, check_session_id
 
 Api = Literal["chat", "completions"]
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -42,6 +43,7 @@ class ParsedRequest:
     stream: bool = False
     include_usage: bool = False
     user: str = ""
+    session_id: str = ""  # extension: the client's session ("" = none), see router/sessions.py
 
     def sampling(self, prompt_tokens: int, max_context: int | None, max_prompt_tokens: int,
                  default_max_tokens: int) -> SamplingSpec:
@@ -146,6 +148,19 @@ def _stop(body: dict) -> tuple[str, ...]:
     return tuple(stops)
 
 
+def session_id(value: Any, name: str = "session_id") -> str:
+    """A session id from the body or the header: "" or 1-128 visible ASCII characters (400 otherwise)."""
+    if value is _MISSING:
+        return ""
+    if not isinstance(value, str):
+        raise _type_error(name, "a string", value)
+    try:
+        return check_session_id(value, name)
+    except ValidationError as exc:
+        raise BadRequest(f"'{name}' must be at most {MAX_SESSION_LEN} visible ASCII characters (no spaces)",
+                         param=name) from exc
+
+
 def _content(value: Any, i: int, role: str) -> str:
     name = f"messages[{i}].content"
     if isinstance(value, str):
@@ -245,5 +260,5 @@ def parse(api: Api, body: Any) -> ParsedRequest:
         top_p=_float(body, "top_p", 0.0, 1.0, 1.0, lo_open=True),
         top_k=max(0, top_k or 0), seed=_int(body, "seed", 0, MAX_SEED), stop=_stop(body),
         ignore_eos=_bool(body, "ignore_eos"), stream=stream, include_usage=include_usage,
-        user=_str(body, "user", 256),
+        user=_str(body, "user", 256), session_id=session_id(_opt(body, "session_id")),
     )

@@ -28,6 +28,11 @@ class RouteRequest:
     block_hashes: Sequence[int] | None = None
     # the decode worker that produced this conversation's previous step, when known
     previous_decode: str = ""
+    # leading blocks of this prompt that worker is known to hold from the session record
+    # (the prefix index may know more); 0 = none known
+    previous_blocks: int = 0
+    # decode workers that may take a local prefill now (live, not draining, not full)
+    decode_candidates: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ Token ids are plain ints. See README "Bus protocol" for subjects and flows.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from kvrelay.schemas.codec import Message, message
@@ -16,6 +17,17 @@ MAX_PROMPT_TOKENS = 131072
 MAX_STOP = 8
 MAX_ID_LEN = 128
 MAX_SUBJECT_LEN = 256
+MAX_SESSION_LEN = 128
+_SESSION_CHARS = re.compile(r"^[\x21-\x7e]*$")  # visible ASCII, no spaces
+
+
+def check_session_id(value: object, what: str = "session_id") -> str:
+    """A client's conversation / agent session id: "" (none) or 1-128 visible ASCII characters."""
+    if not isinstance(value, str):
+        raise ValidationError(what, f"must be a string, got {type(value).__name__}")
+    if len(value) > MAX_SESSION_LEN or not _SESSION_CHARS.match(value):
+        raise ValidationError(what, f"must be at most {MAX_SESSION_LEN} visible ASCII characters (no spaces)")
+    return value
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -63,8 +75,12 @@ class ClientRequest(Message):
     prompt_token_ids: list[int] | None = limit(None, max_len=MAX_PROMPT_TOKENS)
     sampling: SamplingSpec = SamplingSpec()
     timeout_s: float = limit(120.0, min=0.1, max=3600.0)
+    # a conversation or agent session: its next step may go to the decode worker that ran this
+    # one (local prefill, no KV transfer); "" = none. Scoped per tenant by the router.
+    session_id: str = limit("", max_len=MAX_SESSION_LEN)
 
     def validate(self) -> None:
+        check_session_id(self.session_id, "ClientRequest.session_id")
         given = [x is not None for x in (self.messages, self.prompt, self.prompt_token_ids)]
         if sum(given) != 1:
             raise ValidationError("ClientRequest", "set exactly one of messages, prompt, prompt_token_ids")

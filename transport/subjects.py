@@ -60,6 +60,11 @@ class Subjects:
         """A PrefillDone meant for one decode worker (multi-step affinity)."""
         return f"{self.root}.prefilled.{check_token(decode_id, 'worker id')}"
 
+    # --- router -> one decode worker: local prefill (core request/reply) -------------------
+    def local_prefill(self, decode_id: str) -> str:
+        """A ``PrefillTask`` the decode worker runs whole (prompt and decode), no KV transfer."""
+        return f"{self.root}.local.{check_token(decode_id, 'worker id')}"
+
     # --- token streams ------------------------------------------------------------------------
     def tokens(self, request_id: str) -> str:
         return f"{self.root}.tokens.{check_token(request_id, 'request id')}"

@@ -6,9 +6,11 @@
     every delta: TokenChunk seq 1, 2, ... on the request's stream subject; the last one carries
     finish_reason and usage
     anyone --Cancel (cancel.<request>)--> engine.abort
+    router --PrefillTask (local.<worker>)--> a whole request run here (workers/local_prefill.py)
 
 Bounds: at most ``max_slots`` requests run, and pull requests never ask for more messages than
-free slots (``Slots``); messages that arrive beyond that are nak'ed back to the queue. Until the
+free slots (``DecodeSlots``, shared with local prefills); messages that arrive beyond that, or
+while ``max_slots`` requests run, are nak'ed back to the queue. Until the
 first delta the message is kept alive with ``in_progress``; a worker stopping before then naks it
 so another decode worker takes the request (the KV lease is still held for it).
 """
@@ -34,29 +36,22 @@ from kvrelay.transport.subjects import check_subject, check_token
 from kvrelay.workers import metrics as m
 from kvrelay.workers.engine import DecodeEngine, TokenDelta
 from kvrelay.workers.errors import EngineDead, EngineError
+from kvrelay.workers.local_prefill import LocalPrefills
 from kvrelay.workers.metrics import MetricsServer
-from kvrelay.workers.pull import (
-    AFFINITY_INACTIVE_S,
-    FETCH_ERRORS,
-    affinity_durable,
-    consumer_config,
-    pull_consumer,
-    settle,
-)
+from kvrelay.workers.pull import (AFFINITY_INACTIVE_S, FETCH_ERRORS, DecodeSlots, affinity_durable,
+                                  consumer_config, pull_consumer, settle)
 from kvrelay.workers.service import (
     RecentIds,
     TaskOwner,
-    attach_bus,
     emit,
     error_chunk,
     heartbeat,
     now_ms,
     remaining_s,
+    run_worker,
     token_chunk,
-    wait_any,
     worker_id,
 )
-from kvrelay.workers.slots import Slots
 
 if TYPE_CHECKING:
     from kvrelay.config import Config
@@ -88,8 +83,9 @@ class DecodeService:
         self.bus = bus
         self.id = wid
         self.subjects = bus.subjects
-        self.slots = Slots(self.cfg.max_slots)
-        self.active: dict[str, Active] = {}
+        self.slots = DecodeSlots(self.cfg.max_slots)
+        self.active: dict[str, Active] = {}  # pulled requests and local prefills (LocalActive)
+        self.local = LocalPrefills(self)
         self.cancelled = RecentIds(4096)  # cancels seen; a PrefillDone pulled later is dropped
         self.draining = False
         self.dead = asyncio.Event()
@@ -109,7 +105,8 @@ class DecodeService:
         shared = await pull_consumer(self.bus, consumer_config(c, s.consumer_decode, s.prefilled, None))
         own = await pull_consumer(self.bus, consumer_config(
             c, affinity_durable(self.id), s.prefilled_for(self.id), AFFINITY_INACTIVE_S))
-        self._subs = [shared, own, await self.bus.subscribe(s.cancel_all, self.on_cancel)]
+        self._subs = [shared, own, await self.bus.subscribe(s.cancel_all, self.on_cancel),
+                      await self.bus.subscribe(s.local_prefill(self.id), self.local.on_task)]
         self._pullers = {
             self.owner.spawn(self._pull_loop(shared, c.fetch_batch), "pull-shared"),
             self.owner.spawn(self._pull_loop(own, 1), "pull-own"),
@@ -157,7 +154,7 @@ class DecodeService:
                     log.warning("fetch_failed", error=repr(exc))
                     msgs, failed = [], True
                 for msg in msgs:
-                    if kept < n and not self.draining:
+                    if kept < n and not self.draining and len(self.active) < c.max_slots:
                         kept += await self._take(msg)
                     else:  # a late delivery beyond the reservation, or draining: back to the queue
                         m.DECODE_REQUESTS.labels("returned").inc()
@@ -377,21 +374,4 @@ async def serve(cfg: Config, stop: asyncio.Event, engine: DecodeEngine | None = 
         from kvrelay.workers.factory import decode_engine
 
         engine = decode_engine(cfg, wid)
-    bus = await Bus.connect(cfg.bus, f"decode-{wid}")
-    try:
-        await bus.ensure_prefilled_stream()
-        attach_bus(engine, bus, wid)
-        await engine.start()
-        try:
-            svc = DecodeService(cfg, engine, bus, wid)
-            try:
-                await svc.start()
-                await wait_any(stop, svc.dead)
-            finally:
-                await svc.shutdown()
-            if svc.dead.is_set() and not stop.is_set():
-                raise EngineDead(f"decode worker {wid}: the engine died")
-        finally:
-            await engine.stop()
-    finally:
-        await bus.close()
+    await run_worker("decode", cfg, wid, engine, DecodeService, stop)

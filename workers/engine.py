@@ -45,6 +45,9 @@ class TokenDelta:
     # set on the first delta: how the prompt's KV got there
     kv_loaded_tokens: int = 0  # tokens whose KV came from the prefill worker
     kv_recomputed: bool = False  # the transfer failed and the engine recomputed the prompt
+    # set on the first delta of a local prefill (``decode_local``): prompt tokens found in this
+    # engine's prefix cache (not computed)
+    cached_tokens: int = 0
 
 
 @dataclass
@@ -101,3 +104,17 @@ class DecodeEngine(Protocol):
     async def abort(self, request_id: str) -> None: ...
 
     def stats(self) -> EngineStats: ...
+
+
+class LocalPrefillEngine(Protocol):
+    """Optional: a decode engine that can also run a whole request itself (decode affinity).
+
+    The decode worker service offers local prefill (``kvrelay.<ns>.local.<worker>``) only when
+    its engine has ``decode_local``.
+    """
+
+    def decode_local(self, task: PrefillTask) -> AsyncIterator[TokenDelta]:
+        """Compute the prompt here (blocks in this engine's prefix cache are not recomputed) and
+        yield every output token, the first one included; the first delta's ``cached_tokens``
+        says how many prompt tokens were cached. Ends with a delta carrying ``finish_reason``."""
+        ...

@@ -5,7 +5,11 @@
     "sim"  -> kvrelay.workers.sim:         SimPrefillEngine(engine_cfg, prefill_cfg),
                                            SimDecodeEngine(engine_cfg, decode_cfg)
 
-A constructor that takes a ``worker_id`` keyword gets the worker's id. After connecting, the
+A constructor that takes a ``worker_id`` keyword gets the worker's id. Every engine gets the
+tenant salt secret of the root config, ``router.tenant_salt_secret`` (one secret for the whole
+deployment: routers and workers must name blocks alike): as a ``salt_secret`` keyword when the
+constructor takes one (simulated engines), else set on the engine's ``salt_secret`` attribute
+(vLLM engines read it when they start publishing KV events). After connecting, the
 services call ``engine.attach_bus(bus, worker_id)`` when an engine has it (before ``start``), so
 an engine can publish its KV events on the bus.
 """
@@ -46,16 +50,28 @@ def _engine_class(kind: str, role: str) -> Any:
     return cls
 
 
-def _build(cls: Any, engine_cfg: Any, role_cfg: Any, worker_id: str) -> Any:
+def _build(cls: Any, engine_cfg: Any, role_cfg: Any, worker_id: str, salt_secret: str) -> Any:
+    params = inspect.signature(cls).parameters
+    kwargs: dict[str, Any] = {}
     # engines that name their exports / KV events after the worker take its id
-    if worker_id and "worker_id" in inspect.signature(cls).parameters:
-        return cls(engine_cfg, role_cfg, worker_id=worker_id)
-    return cls(engine_cfg, role_cfg)
+    if worker_id and "worker_id" in params:
+        kwargs["worker_id"] = worker_id
+    if salt_secret and "salt_secret" in params:
+        kwargs["salt_secret"] = salt_secret
+    engine = cls(engine_cfg, role_cfg, **kwargs)
+    if salt_secret and "salt_secret" not in kwargs:
+        if not hasattr(engine, "salt_secret"):
+            raise EngineUnavailable(f"{cls.__name__} cannot salt block hashes "
+                                    f"(router.tenant_salt_secret is set)")
+        engine.salt_secret = salt_secret
+    return engine
 
 
 def prefill_engine(cfg: Config, worker_id: str = "") -> PrefillEngine:
-    return _build(_engine_class(cfg.engine.kind, "Prefill"), cfg.engine, cfg.prefill, worker_id)
+    return _build(_engine_class(cfg.engine.kind, "Prefill"), cfg.engine, cfg.prefill, worker_id,
+                  cfg.router.tenant_salt_secret)
 
 
 def decode_engine(cfg: Config, worker_id: str = "") -> DecodeEngine:
-    return _build(_engine_class(cfg.engine.kind, "Decode"), cfg.engine, cfg.decode, worker_id)
+    return _build(_engine_class(cfg.engine.kind, "Decode"), cfg.engine, cfg.decode, worker_id,
+                  cfg.router.tenant_salt_secret)

@@ -45,14 +45,13 @@ from kvrelay.workers.metrics import MetricsServer
 from kvrelay.workers.prefill_queue import PrefillQueue, Queued
 from kvrelay.workers.service import (
     TaskOwner,
-    attach_bus,
     emit,
     error_chunk,
     heartbeat,
     now_ms,
     remaining_s,
+    run_worker,
     token_chunk,
-    wait_any,
     worker_id,
 )
 
@@ -379,22 +378,5 @@ async def serve(cfg: Config, stop: asyncio.Event, engine: PrefillEngine | None =
         from kvrelay.workers.factory import prefill_engine
 
         engine = prefill_engine(cfg, wid)
-    bus = await Bus.connect(cfg.bus, f"prefill-{wid}")
-    try:
-        await bus.ensure_prefilled_stream()
-        attach_bus(engine, bus, wid)
-        await engine.start()
-        try:
-            svc = PrefillService(cfg, engine, bus, wid)
-            try:
-                await svc.start()
-                await wait_any(stop, svc.dead)
-            finally:
-                await svc.shutdown()
-            if svc.dead.is_set() and not stop.is_set():
-                raise EngineDead(f"prefill worker {wid}: the engine died")
-        finally:
-            await engine.stop()
-    finally:
-        await bus.close()
+    await run_worker("prefill", cfg, wid, engine, PrefillService, stop)
 

@@ -6,6 +6,8 @@ stream requires it):
 - ``decode`` on ``kvrelay.<ns>.prefilled``, shared by every decode worker (load balancing);
 - ``decode_<id>`` on ``kvrelay.<ns>.prefilled.<id>``, this worker's own (multi-step affinity);
   JetStream deletes it after ``AFFINITY_INACTIVE_S`` without a pull.
+
+``DecodeSlots`` shares the worker's slots between those pulls and local prefills.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from kvrelay.logs import get_logger
 from kvrelay.transport.bus import Bus
 from kvrelay.transport.errors import BusUnavailable
 from kvrelay.workers.config import DecodeConfig
+from kvrelay.workers.slots import Slots
 
 log = get_logger(__name__)
 
@@ -81,3 +84,42 @@ async def settle(msg: Msg, how: str) -> None:
             await msg.in_progress()
     except nats.errors.Error as exc:
         log.warning("settle_failed", how=how, error=repr(exc))
+
+
+class DecodeSlots(Slots):
+    """``Slots`` where a local prefill (``workers/local_prefill.py``) may run ahead of the pulls.
+
+    Pull loops reserve slots before they fetch (``acquire``), so an idle worker's free slots are
+    mostly reserved. A local prefill is admitted while fewer than ``capacity`` requests *run*
+    (``take_local(running)``): it takes a free slot, or else *borrows* one a pull holds in reserve
+    (``borrowed``). Every slot released while some are borrowed repays a borrow instead of
+    becoming free, and a pull loop starts a fetched message only while fewer than ``capacity``
+    requests run (others go back to the queue), so running requests never exceed ``capacity``.
+    Full (``running >= capacity``): ``take_local`` says no; the router then takes the prefill path.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self.borrowed = 0
+
+    def take_local(self, running: int) -> bool:
+        if running >= self.capacity:
+            return False
+        if self.free > 0:
+            self.used += 1
+        else:
+            self.borrowed += 1
+        return True
+
+    def give_local(self) -> None:
+        """A local prefill ended: its slot (or its borrow) is given back."""
+        if self.borrowed:
+            self.borrowed -= 1
+        else:
+            super().release(1)
+
+    def release(self, n: int = 1) -> None:
+        repay = min(self.borrowed, n)
+        self.borrowed -= repay
+        if n - repay:
+            super().release(n - repay)

@@ -21,6 +21,7 @@ from kvrelay.transport.discovery import Announcer
 from kvrelay.transport.errors import TransportError
 from kvrelay.transport.subjects import check_token
 from kvrelay.workers import metrics
+from kvrelay.workers.errors import EngineDead
 
 log = get_logger(__name__)
 
@@ -161,3 +162,26 @@ def attach_bus(engine: Any, bus: Bus, wid: str) -> None:
     attach = getattr(engine, "attach_bus", None)
     if callable(attach):
         attach(bus, wid)
+
+
+async def run_worker(role: str, cfg: Any, wid: str, engine: Any, service: Any, stop: asyncio.Event) -> None:
+    """A worker's life: bus, engine, ``service(cfg, engine, bus, wid)`` until ``stop`` is set or the
+    service reports its engine dead (``EngineDead``); everything closed in reverse order."""
+    bus = await Bus.connect(cfg.bus, f"{role}-{wid}")
+    try:
+        await bus.ensure_prefilled_stream()
+        attach_bus(engine, bus, wid)
+        await engine.start()
+        try:
+            svc = service(cfg, engine, bus, wid)
+            try:
+                await svc.start()
+                await wait_any(stop, svc.dead)
+            finally:
+                await svc.shutdown()
+            if svc.dead.is_set() and not stop.is_set():
+                raise EngineDead(f"{role} worker {wid}: the engine died")
+        finally:
+            await engine.stop()
+    finally:
+        await bus.close()

@@ -10,7 +10,7 @@ from kvrelay.loadtest import cli
 from kvrelay.loadtest.bench_router import main
 
 KEYS = {"workers", "blocks_indexed", "decision_us_p50", "decision_us_p99", "hash_and_decision_us_p50",
-        "events_per_s", "match_us_p50", "index_rss_mb"}
+        "events_per_s", "match_us_p50", "index_mb"}
 
 
 def test_bench_router_small_run_prints_one_json_object(capsys: pytest.CaptureFixture[str]) -> None:

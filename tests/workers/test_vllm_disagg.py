@@ -45,6 +45,8 @@ PROMPTS: dict[str, list[int]] = {
     "stop": _prompt(8, 64),
     "prefix_base": _prompt(9, 200),
     "prefix_ext": _prompt(9, 200) + _prompt(10, 90),  # shares 6 full blocks with prefix_base
+    "local_base": _prompt(11, 130),  # 4 full blocks
+    "local_ext": _prompt(11, 130) + _prompt(12, 40),  # the next step: local prefill on the decode engine
     **{f"conc{i}": _prompt(100 + i, 40 + 45 * i) for i in range(8)},
 }
 
@@ -289,3 +291,22 @@ async def test_vllm_prefill_finished_in_prefill_holds_no_export(engines, baselin
     assert out.finish_reason == "stop" and out.kv is None
     stats = prefill.stats()
     assert stats.exported_blocks == held and stats.extra["orphans"] == 0
+
+
+async def test_vllm_disagg_local_prefill_gives_the_normal_paths_tokens(engines, baseline) -> None:
+    """Decode affinity: the decode engine that ran a step prefills the next one itself (no KV
+    transfer); its prefix cache serves the blocks it holds, and the greedy tokens are the same."""
+    prefill, decode = engines
+    done, tokens, _, _ = await _disagg(prefill, decode, "local_base")
+    prefill.release(done.kv.ticket)
+    assert tokens == baseline["local_base"][0]
+    imports = decode.counters["imports"]
+    deltas = [d async for d in decode.decode_local(_task("local_ext"))]
+    local = [t for d in deltas for t in d.token_ids]
+    assert local == baseline["local_ext"][0]
+    assert deltas[0].cached_tokens == 128  # local_base's 4 full blocks were not computed again
+    assert deltas[-1].finish_reason == "length" and decode.counters["imports"] == imports
+    assert decode.counters["local_prefills"] >= 1
+    done2, normal, _, _ = await _disagg(prefill, decode, "local_ext")  # the normal path, for comparison
+    prefill.release(done2.kv.ticket)
+    assert normal == local

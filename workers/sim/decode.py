@@ -11,6 +11,11 @@ expired or released, wrong pages, transfer past ``transfer_timeout_s``) falls ba
 recomputing the prompt locally (modelled prefill time; ``kv_recomputed`` on the first delta).
 Prompt blocks already cached here are neither transferred nor recomputed.
 
+Local prefill (``decode_local``, decode affinity): the whole request runs here. Its prompt's
+blocks come from this engine's own block manager; only the uncached tokens cost modelled prefill
+time (at least one token, as vLLM recomputes the last one); nothing is transferred. The tokens are
+the same as through a prefill worker (``sim_tokens`` of the prompt), the first one included.
+
 Decoding: one background task steps every running sequence by one token per modelled
 ``decode_step_s(batch)``; each request's generator yields what was produced since its last
 delta (a slow reader gets several tokens in one delta), the last one with "length".
@@ -23,7 +28,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from kvrelay.logs import get_logger
-from kvrelay.schemas.messages import KVDescriptor, PrefillDone
+from kvrelay.schemas.messages import KVDescriptor, PrefillDone, PrefillTask
 from kvrelay.transport.bus import Bus
 from kvrelay.transport.errors import (
     ChecksumMismatch,
@@ -67,7 +72,8 @@ class SimDecodeEngine(SimEngineBase):
         self._stepper: asyncio.Task | None = None
         self._waiting = 0
         self.kv_bytes_moved = 0
-        self.counters = dict.fromkeys(("imported", "recomputed", "local_hits", "steps"), 0)
+        self.counters = dict.fromkeys(("imported", "recomputed", "local_hits", "steps", "local_prefills",
+                                       "local_computed_tokens"), 0)
 
     async def start(self) -> None:
         if self._stepper is None:
@@ -111,7 +117,8 @@ class SimDecodeEngine(SimEngineBase):
             try:
                 cached = await self._blocks_for(done)
                 loaded, recomputed = await self._import(done, cached, abort)
-                async for delta in self._generate(done, abort, loaded, recomputed):
+                first = {"kv_loaded_tokens": loaded, "kv_recomputed": recomputed}
+                async for delta in self._generate(done, abort, done.first_token_id, 1, first):
                     yield delta
             finally:
                 self.blocks.free(rid)
@@ -120,12 +127,42 @@ class SimDecodeEngine(SimEngineBase):
         finally:
             self._aborts.pop(rid, None)
 
-    def _wait_s(self, done: PrefillDone) -> float:
+    async def decode_local(self, task: PrefillTask) -> AsyncIterator[TokenDelta]:
+        """The whole request here: prefill the uncached part of the prompt, then decode (module doc)."""
+        rid, prompt = task.request_id, task.prompt_token_ids
+        if self._stepper is None:
+            raise EngineError("the simulated decode engine is not started")
+        if rid in self._aborts:
+            raise EngineError(f"request {rid!r} is already decoding")
+        abort = self._aborts[rid] = asyncio.Event()
+        try:
+            await self._admit(task)
+            try:
+                cached = min(await self._blocks_for(task), len(prompt) - 1)
+                need = len(prompt) - cached
+                self.counters["local_prefills"] += 1
+                self.counters["local_computed_tokens"] += need
+                if cached:
+                    self.counters["local_hits"] += 1
+                if await self._sleep(self.cost.prefill_s(need, cached), abort):
+                    yield TokenDelta(token_ids=[], text="", finish_reason="abort", cached_tokens=cached)
+                    return
+                first_token = sim_tokens(prompt, 1)[0]
+                async for delta in self._generate(task, abort, first_token, 0, {"cached_tokens": cached}):
+                    yield delta
+            finally:
+                self.blocks.free(rid)
+                self._freed.set()
+                self._slots.release()
+        finally:
+            self._aborts.pop(rid, None)
+
+    def _wait_s(self, done: PrefillDone | PrefillTask) -> float:
         if done.deadline_ms <= 0:
             return NO_DEADLINE_WAIT_S
         return max(0.001, (done.deadline_ms - now_ms()) / 1000.0)
 
-    async def _admit(self, done: PrefillDone) -> None:
+    async def _admit(self, done: PrefillDone | PrefillTask) -> None:
         self._waiting += 1
         try:
             await asyncio.wait_for(self._slots.acquire(), self._wait_s(done))
@@ -134,7 +171,7 @@ class SimDecodeEngine(SimEngineBase):
         finally:
             self._waiting -= 1
 
-    async def _blocks_for(self, done: PrefillDone) -> int:
+    async def _blocks_for(self, done: PrefillDone | PrefillTask) -> int:
         """KV blocks for prompt and output (waiting for others to free some); the cached tokens."""
         prompt = done.prompt_token_ids
         total = len(prompt) + done.sampling.max_tokens
@@ -190,13 +227,14 @@ class SimDecodeEngine(SimEngineBase):
         if now_ms() >= kv.lease_expires_ms:
             raise LeaseExpired(f"lease of ticket {kv.ticket} expired at {kv.lease_expires_ms}")
 
-    async def _generate(self, done: PrefillDone, abort: asyncio.Event, loaded: int,
-                        recomputed: bool) -> AsyncIterator[TokenDelta]:
+    async def _generate(self, done: PrefillDone | PrefillTask, abort: asyncio.Event, first_token: int,
+                        sent: int, first: dict) -> AsyncIterator[TokenDelta]:
+        """Tokens ``sent:`` of the output (the first came from prefill when ``sent`` is 1);
+        ``first``: extra fields of the first delta."""
         rid, max_tokens = done.request_id, done.sampling.max_tokens
-        seq = _Seq(tokens=[done.first_token_id] + sim_tokens(done.prompt_token_ids, max_tokens)[1:])
+        seq = _Seq(tokens=[first_token] + sim_tokens(done.prompt_token_ids, max_tokens)[1:])
         self._running[rid] = seq
         self._work.set()
-        sent, first = 1, {"kv_loaded_tokens": loaded, "kv_recomputed": recomputed}
         stall = STALL_S + 10 * self.cost.decode_step_s(1) * self.time_scale
         try:
             while True:

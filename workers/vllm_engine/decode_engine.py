@@ -15,6 +15,12 @@ and counted (``kvrelay_kv_transfer_*``, ``transport.kv.metrics``).
 
 The import is over (loaded, recomputed, or given up) when the first delta is yielded: the
 caller may release the prefill worker's lease then.
+
+Local prefill (``decode_local``, decode affinity): the whole prompt is submitted with no
+``kv_transfer_params`` and the request's full ``max_tokens``; vLLM's prefix cache (same
+``cache_salt`` as the transferred requests) serves the blocks this engine holds, so only the
+rest is computed. The first delta carries every token so far and ``cached_tokens`` (vLLM's
+``num_cached_tokens``).
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ import asyncio
 import dataclasses
 import secrets
 from collections.abc import AsyncIterator
+from typing import Any
 
 from kvrelay.logs import bound, get_logger
-from kvrelay.schemas.messages import KVDescriptor, PrefillDone
+from kvrelay.schemas.messages import KVDescriptor, PrefillDone, PrefillTask
 from kvrelay.transport.kv import metrics as kv_metrics
 from kvrelay.transport.kv.base import host_identity
 from kvrelay.transport.kv.fetch import available, plan
@@ -85,6 +92,8 @@ class VllmDecodeEngine(KvEventsMixin):
                 "unreadable",
                 "decodes",
                 "aborted",
+                "local_prefills",
+                "local_cached_tokens",
             ),
             0,
         )
@@ -131,12 +140,34 @@ class VllmDecodeEngine(KvEventsMixin):
             async for delta in self._stream(done, max_tokens, kv_params, nonce):
                 yield delta
 
+    async def decode_local(self, task: PrefillTask) -> AsyncIterator[TokenDelta]:
+        """The whole request on this engine: no KV transfer, the prefix cache serves what it holds."""
+        from vllm.inputs import TokensPrompt
+
+        with bound(request_id=task.request_id):
+            spec = task.sampling
+            sp = sampling_params(spec, max_tokens=spec.max_tokens, kv_params=None, delta=True)
+            prompt = TokensPrompt(prompt_token_ids=list(task.prompt_token_ids))
+            if salt := cache_salt(task.tenant):
+                prompt["cache_salt"] = salt  # the same salt as transferred requests: their blocks hit
+            self.counters["local_prefills"] += 1
+            first, outputs = True, self._outputs(prompt, sp, task.request_id)
+            try:
+                async for delta, out in outputs:
+                    if first:
+                        first = False
+                        cached = min(int(out.num_cached_tokens or 0), len(task.prompt_token_ids))
+                        self.counters["local_cached_tokens"] += cached
+                        delta = dataclasses.replace(delta, cached_tokens=cached)
+                    yield delta
+            finally:
+                await outputs.aclose()  # a closed stream aborts the vLLM request now, not at GC
+
     async def _stream(
         self, done: PrefillDone, max_tokens: int, kv_params: dict | None, nonce: int
     ) -> AsyncIterator[TokenDelta]:
         from vllm.inputs import TokensPrompt
 
-        llm = self._rt.engine()
         receiver = self._rt.receiver
         key = ("import", nonce)
         fut = receiver.expect(key) if kv_params else None
@@ -144,9 +175,23 @@ class VllmDecodeEngine(KvEventsMixin):
         prompt = TokensPrompt(prompt_token_ids=[*done.prompt_token_ids, done.first_token_id])
         if salt := cache_salt(done.tenant):
             prompt["cache_salt"] = salt  # tenants never share vLLM blocks (kv_events.py)
-        gen = llm.generate(prompt, sp, request_id=done.request_id)
         self.counters["decodes"] += 1
-        first, finished = True, False
+        first, outputs = True, self._outputs(prompt, sp, done.request_id)
+        try:
+            async for delta, _ in outputs:
+                if first:
+                    first = False
+                    delta = await self._first(delta, fut)
+                yield delta
+        finally:
+            await outputs.aclose()  # a closed stream aborts the vLLM request now, not at GC
+            if receiver is not None:
+                receiver.forget(key)
+
+    async def _outputs(self, prompt: Any, sp: Any, request_id: str) -> AsyncIterator[tuple[TokenDelta, Any]]:
+        """vLLM's outputs of one request as deltas (with the raw output); aborted if not finished."""
+        gen = self._rt.engine().generate(prompt, sp, request_id=request_id)
+        finished = False
         try:
             while not finished:
                 try:
@@ -162,14 +207,8 @@ class VllmDecodeEngine(KvEventsMixin):
                     if comp.finish_reason not in FINISH:
                         raise EngineError(f"vLLM finished with {comp.finish_reason!r}")
                     reason = FINISH[comp.finish_reason]
-                delta = TokenDelta(token_ids=list(comp.token_ids), text=comp.text, finish_reason=reason)
-                if first:
-                    first = False
-                    delta = await self._first(delta, fut)
-                yield delta
+                yield TokenDelta(token_ids=list(comp.token_ids), text=comp.text, finish_reason=reason), out
         finally:
-            if receiver is not None:
-                receiver.forget(key)
             if not finished:
                 self.counters["aborted"] += 1
             await gen.aclose()  # aborts the vLLM request unless it finished
