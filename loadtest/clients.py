@@ -10,7 +10,9 @@ in ``RequestRecord.retries``; the wait is part of the latency). ``POST /v1/compl
 prompt as token ids (exact lengths and prefixes), or ``POST /v1/chat/completions`` with a text
 rendering of them; ``stream: true``,
 ``stream_options.include_usage: true``, ``temperature`` 0 and ``ignore_eos`` (so outputs have
-``max_tokens`` tokens). Each non-empty content event counts as one token arrival; the final usage
+``max_tokens`` tokens). With ``sessions=True`` each request names its session (HTTP header
+``X-Session-Id``, which other OpenAI-compatible servers ignore; NATS ``ClientRequest.session_id``),
+so kvrelay can send a session's next step to the decode worker of its last (local prefill). Each non-empty content event counts as one token arrival; the final usage
 gives the output token count.
 
 NATS: a ``ClientRequest`` (``prompt_token_ids``) published with JetStream on
@@ -33,6 +35,7 @@ from kvrelay.loadtest.metrics import RequestRecord
 from kvrelay.loadtest.plan import BenchRequest
 
 DETAIL_CHARS = 300
+SESSION_HEADER = "X-Session-Id"  # kvrelay's session header (router/http.py)
 MAX_RETRY_AFTER_S = 30.0  # the longest Retry-After honoured at once (the request's timeout still bounds it)
 # words the chat API renders token ids with (about one model token each for common tokenizers)
 _WORDS = ("time", "year", "people", "way", "day", "man", "thing", "woman", "life", "child", "world",
@@ -58,7 +61,7 @@ class HttpClient:
     def __init__(self, base_url: str, *, model: str | None = None, api: str = "completions",
                  timeout_s: float = 600.0, connect_timeout_s: float = 10.0, max_connections: int = 1024,
                  ignore_eos: bool = True, headers: dict[str, str] | None = None, retry_429: bool = True,
-                 clock: Any = time.monotonic) -> None:
+                 sessions: bool = False, clock: Any = time.monotonic) -> None:
         if api not in ("completions", "chat"):
             raise ValueError(f"api must be 'completions' or 'chat', got {api!r}")
         self.base = base_url.rstrip("/")
@@ -67,7 +70,7 @@ class HttpClient:
         self.model, self.api, self.timeout_s = model, api, timeout_s
         self.connect_timeout_s, self.max_connections = connect_timeout_s, max_connections
         self.ignore_eos, self.headers, self.clock = ignore_eos, dict(headers or {}), clock
-        self.retry_429 = retry_429
+        self.retry_429, self.sessions = retry_429, sessions
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> HttpClient:
@@ -124,8 +127,9 @@ class HttpClient:
         rec = RequestRecord(req.request_id, scheduled_s, self.clock(), req.kind, len(req.prompt_token_ids),
                             req.max_tokens)
         path, body = self.body(req)
+        headers = {SESSION_HEADER: req.session_id} if self.sessions and req.session_id else None
         try:
-            await asyncio.wait_for(self._stream(path, body, rec), self.timeout_s)
+            await asyncio.wait_for(self._stream(path, body, rec, headers), self.timeout_s)
         except asyncio.TimeoutError:
             rec.error, rec.error_detail = "timeout", f"no complete answer within {self.timeout_s:g}s"
         except aiohttp.ClientError as exc:
@@ -133,9 +137,10 @@ class HttpClient:
         rec.end_s = self.clock()
         return rec
 
-    async def _stream(self, path: str, body: dict[str, Any], rec: RequestRecord) -> None:
+    async def _stream(self, path: str, body: dict[str, Any], rec: RequestRecord,
+                      headers: dict[str, str] | None = None) -> None:
         while True:
-            async with self.session.post(self.base + path, json=body) as resp:
+            async with self.session.post(self.base + path, json=body, headers=headers) as resp:
                 if resp.status == 429 and self.retry_429:
                     # push back: wait as told, then try again (the wait counts in the latency)
                     rec.retries += 1
@@ -202,12 +207,13 @@ class NatsClient:
 
     def __init__(self, nats_url: str, *, namespace: str = "default", model: str = "",
                  timeout_s: float = 600.0, publish_timeout_s: float = 10.0, gap_grace_s: float = 2.0,
-                 clock: Any = time.monotonic) -> None:
+                 sessions: bool = False, clock: Any = time.monotonic) -> None:
         from kvrelay.transport.subjects import Subjects
 
         self.url, self.model, self.timeout_s = nats_url, model, timeout_s
         self.subjects = Subjects(namespace)
         self.publish_timeout_s, self.gap_grace_s, self.clock = publish_timeout_s, gap_grace_s, clock
+        self.sessions = sessions
         self._nc: Any = None
         self._js: Any = None
         self._n = 0
@@ -254,7 +260,8 @@ class NatsClient:
                                 prompt_token_ids=list(req.prompt_token_ids),
                                 sampling=SamplingSpec(max_tokens=req.max_tokens, temperature=0.0,
                                                       ignore_eos=True),
-                                timeout_s=min(self.timeout_s, 3600.0))
+                                timeout_s=min(self.timeout_s, 3600.0),
+                                session_id=req.session_id if self.sessions else "")
             try:
                 await self._js.publish(self.subjects.request(req.tenant), encode(msg))
             except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):

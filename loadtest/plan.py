@@ -28,6 +28,7 @@ class BenchRequest:
     tenant: str = "default"
     kind: str = ""
     delay_s: float = 0.0  # after the previous step of its session finished (0 for a first step)
+    session_id: str = ""  # the session it belongs to (sent only by clients told to: ``sessions=True``)
 
 
 @dataclass
@@ -70,7 +71,7 @@ def from_workload(wl: Workload, fit: Fit | None = None, max_output: int | None =
             if prompt is None:
                 break  # later steps are longer still
             plan.steps.append(BenchRequest(f"{s.session_id}-{i}", prompt, max(1, max_tokens), s.tenant,
-                                           s.kind, st.delay_s if i else 0.0))
+                                           s.kind, st.delay_s if i else 0.0, s.session_id))
         if plan.steps:
             out.append(plan)
     if not out:

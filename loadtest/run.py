@@ -159,9 +159,10 @@ def _client(args: argparse.Namespace) -> Any:
     from kvrelay.loadtest.clients import HttpClient, NatsClient
 
     if args.url:
-        return HttpClient(args.url, model=args.model, api=args.api, timeout_s=args.timeout_s)
+        return HttpClient(args.url, model=args.model, api=args.api, timeout_s=args.timeout_s,
+                          sessions=args.sessions)
     return NatsClient(args.nats_url, namespace=args.namespace, model=args.model or "",
-                      timeout_s=args.timeout_s)
+                      timeout_s=args.timeout_s, sessions=args.sessions)
 
 
 def _args(argv: list[str]) -> argparse.Namespace:
@@ -190,6 +191,9 @@ def _args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--max-context", type=int, default=None, help="shorten prompts so prompt + output fits")
     ap.add_argument("--max-output", type=int, default=None, help="cap every output at this many tokens")
     ap.add_argument("--pause-scale", type=float, default=1.0, help="multiply think/tool pauses (0 = none)")
+    ap.add_argument("--sessions", action="store_true",
+                    help="name each request's session (HTTP X-Session-Id / NATS session_id): kvrelay sends a "
+                         "session's next step to the decode worker of its last (local prefill)")
     ap.add_argument("--max-inflight", type=int, default=1024, help="client bound on requests in flight")
     ap.add_argument("--timeout-s", type=float, default=600.0, help="per-request timeout")
     ap.add_argument("--slo-ttft-ms", type=float, default=None)
@@ -223,7 +227,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
                             pause_scale=args.pause_scale, max_inflight=args.max_inflight,
                             progress=not args.no_progress, label=args.label)
     cond.update(target=target, source=source, arrival=arrival.describe(), requests_limit=args.requests,
-                duration_limit_s=args.duration, pause_scale=args.pause_scale,
+                duration_limit_s=args.duration, pause_scale=args.pause_scale, send_session_ids=args.sessions,
                 loadavg_1m_at_end=round(os.getloadavg()[0], 2))
     result = {"kind": "kvrelay-bench-run", "version": 1, "label": args.label, "conditions": cond,
               "client": res.client, "summary": res.summary}

@@ -159,3 +159,9 @@ def test_driver_rejects_bad_bounds() -> None:
         Driver(srv.send, max_inflight=0)
     with pytest.raises(ArrivalError):
         Driver(srv.send, pause_scale=-1)
+
+
+def test_from_workload_steps_carry_their_session_id() -> None:
+    plans = from_workload(generate("agentic", seed=1, max_requests=12))
+    assert all(st.session_id == p.session_id for p in plans for st in p.steps)
+    assert len({p.session_id for p in plans}) == len(plans)

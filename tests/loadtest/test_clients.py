@@ -30,6 +30,7 @@ class SseServer:
     def __init__(self) -> None:
         self.mode = "ok"
         self.bodies: list[dict] = []
+        self.sessions: list[str | None] = []  # X-Session-Id of each request
         self.never = asyncio.Event()
 
     def app(self) -> web.Application:
@@ -45,6 +46,7 @@ class SseServer:
     async def complete(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.bodies.append(body)
+        self.sessions.append(request.headers.get("X-Session-Id"))
         if self.mode == "429" or (self.mode == "429-twice" and len(self.bodies) <= 2):
             return web.json_response({"error": {"message": "busy"}}, status=429, headers={"Retry-After": "0"})
         chat = request.path.endswith("chat/completions")
@@ -106,6 +108,17 @@ async def test_http_client_streams_completion_with_usage(sse: tuple[SseServer, s
     assert body["prompt"] == [5, 6, 7, 8] and body["max_tokens"] == 4 and body["stream"] is True
     assert body["stream_options"] == {"include_usage": True} and body["ignore_eos"] is True
     assert body["model"] == "m-test" and body["temperature"] == 0.0
+
+
+@pytest.mark.parametrize("sessions", [False, True])
+async def test_http_client_names_the_session_only_when_told(sse: tuple[SseServer, str], sessions: bool) -> None:
+    srv, url = sse
+    req = BenchRequest("s7-1", [5, 6], max_tokens=4, session_id="s7")
+    async with HttpClient(url, model="m-test", sessions=sessions) as client:
+        assert (await client.send(req, client.clock())).ok
+        assert (await client.send(REQ, client.clock())).ok  # a request of no session: never a header
+    assert srv.sessions == (["s7", None] if sessions else [None, None])
+    assert "session_id" not in srv.bodies[0]  # a header: other OpenAI servers ignore it
 
 
 async def test_http_client_chat_api(sse: tuple[SseServer, str]) -> None:
@@ -234,6 +247,23 @@ async def test_nats_client_collects_token_chunks(bus: Bus, bus_config: BusConfig
     req = seen[0]
     assert req.prompt_token_ids == [5, 6, 7, 8] and req.sampling.max_tokens == 4
     assert req.sampling.ignore_eos and req.sampling.temperature == 0.0 and req.model == "m"
+
+
+@pytest.mark.parametrize("sessions", [False, True])
+async def test_nats_client_names_the_session_only_when_told(bus: Bus, bus_config: BusConfig,
+                                                            sessions: bool) -> None:
+    seen: list[ClientRequest] = []
+    stop = asyncio.Event()
+    task = asyncio.create_task(_responder(bus, "ok", seen, stop))
+    try:
+        async with NatsClient(bus_config.url, namespace=bus_config.namespace, model="m",
+                              sessions=sessions) as client:
+            rec = await client.send(BenchRequest("s7-1", [5, 6], max_tokens=4, session_id="s7"), client.clock())
+    finally:
+        stop.set()
+        await task
+    assert rec.ok, rec.error_detail
+    assert seen[0].session_id == ("s7" if sessions else "")
 
 
 async def test_nats_client_error_chunk_gives_its_code(bus: Bus, bus_config: BusConfig) -> None:
