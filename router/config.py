@@ -17,7 +17,8 @@ class RouterConfig(Struct):
     # the tokenizer (and chat template) of the served model: a model folder
     model: str = limit("", max_len=4096)
     served_model_name: str = limit("", max_len=256)
-    policy: Literal["least_loaded", "round_robin", "kv_aware"] = "least_loaded"
+    # kv_aware (the default) routes by prefix-cache overlap and load; the others ignore the cache
+    policy: Literal["least_loaded", "round_robin", "kv_aware"] = "kv_aware"
     # requests in flight through this router; past it new requests get 429
     max_inflight: int = limit(256, min=1)
     max_prompt_tokens: int = limit(32768, min=1)

@@ -48,7 +48,7 @@ def kv_routing(cfg: Any) -> tuple[Policy, Callable[[Sequence[int], str], list[in
     """The ``kv_aware`` policy wired from the root config: ``(policy, hasher, prefix index)``.
 
     Block hashes use the engine's block size and hash seed, salted per tenant with the router's
-    ``tenant_salt_secret`` exactly as the workers salt theirs (no secret: no salt). The caller
+    ``tenant_salt_secret`` exactly as the workers salt theirs (no secret: by the tenant's name alone). The caller
     feeds the index with ``router.events.KvEventsSubscriber``.
     """
     from kvrelay.router.index import PrefixIndex
@@ -63,6 +63,6 @@ def kv_routing(cfg: Any) -> tuple[Policy, Callable[[Sequence[int], str], list[in
     secret = rc.tenant_salt_secret
 
     def hasher(token_ids: Sequence[int], tenant: str) -> list[int]:
-        return spec.hashes(token_ids, tenant_salt(secret, tenant) if secret else b"")
+        return spec.hashes(token_ids, tenant_salt(secret, tenant))
 
     return policy, hasher, index

@@ -16,7 +16,9 @@ configuration visible instead of silently missing:
     r = HashSpec(B, seed).root(salt) = BLAKE2b-64(salt, key=seed, person="kvrelay-root") (LE int)
 
 The secret is server-side (router config); a tenant cannot compute another tenant's root, so
-its prompts never produce another tenant's hashes. ``HashSpec.fingerprint`` (algorithm, block
+its prompts never produce another tenant's hashes. Without a secret (an empty key) the salt is
+still per tenant, so tenants never share hashes, but anyone who knows a tenant's name can
+compute its root: set ``router.tenant_salt_secret`` in production. ``HashSpec.fingerprint`` (algorithm, block
 size, seed digest) is compared when a worker registers: a mismatch is an error, never a 0 % hit
 rate. XXH64 is not a MAC; the secrecy of the root is what separates tenants, and a collision
 inside one tenant costs at worst one suboptimal routing decision (engines check their own KV).

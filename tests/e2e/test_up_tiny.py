@@ -255,3 +255,36 @@ def test_up_serves_vllm_benchmark_client(tiny_deployment, tmp_path, backend, end
     assert (result["completed"], result["failed"]) == (4, 0), result.get("errors")
     assert result["total_output_tokens"] == 4 * 8
     assert result["median_ttft_ms"] > 0
+
+
+def test_up_session_next_step_is_prefilled_on_its_decode_worker(tiny_deployment, metric) -> None:
+    """Decode affinity through the whole deployment (kv_aware is the default policy): an agent's
+    step 2 (step 1's prompt + a tool result), naming step 1's session, is prefilled on the decode
+    worker that ran step 1 — no KV moves — and gives the tokens the normal path gives."""
+    url, dec = tiny_deployment.url, tiny_deployment.metrics["decode"]
+    step1 = [(i * 53 + 7) % 48000 + 200 for i in range(200)]  # 6 full blocks of 32
+    step2 = step1 + [(i * 31 + 5) % 48000 + 200 for i in range(40)]
+
+    def complete(prompt: list[int], headers: dict) -> dict:
+        r = httpx.post(f"{url}/v1/completions", timeout=180, headers=headers,
+                       json={"model": "kvrelay-tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def local_accepted() -> float:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        return metric(text, "kvrelay_router_local_prefill_total", reason="decode_affinity", outcome="accepted")
+
+    complete(step1, {"X-Session-Id": "agent-e2e"})
+    before, moved = local_accepted(), metric(httpx.get(dec, timeout=10).text, "kvrelay_kv_bytes_moved_total")
+    local = complete(step2, {"X-Session-Id": "agent-e2e"})
+    after = httpx.get(dec, timeout=10).text
+    assert local_accepted() == before + 1
+    assert metric(after, "kvrelay_kv_bytes_moved_total") == moved  # nothing transferred for step 2
+    assert metric(after, "kvrelay_decode_local_prompt_tokens_total", source="cached") >= 192
+    assert local["usage"]["prompt_tokens_details"]["cached_tokens"] >= 192  # step 1's blocks, not recomputed
+    # the same prompt for another tenant (nothing cached, no session) takes the prefill path
+    normal = complete(step2, {"X-Kvrelay-Tenant": "other-tenant"})
+    assert metric(httpx.get(dec, timeout=10).text, "kvrelay_kv_bytes_moved_total") > moved
+    assert local["choices"][0]["text"] == normal["choices"][0]["text"]
+    assert local_accepted() == before + 1

@@ -141,7 +141,7 @@ async def test_wait_event_returns_on_set_or_timeout_and_never_eats_a_cancel() ->
 
 
 async def test_dispatcher_kv_aware_routes_to_the_worker_holding_the_prefix(cluster: Cluster) -> None:
-    from kvrelay.schemas.hashing import HashSpec
+    from kvrelay.schemas.hashing import HashSpec, tenant_salt
     from kvrelay.schemas.kv_events import KvEvent, KvEventBatch
 
     router = await cluster.router(policy_name="kv_aware")
@@ -149,12 +149,13 @@ async def test_dispatcher_kv_aware_routes_to_the_worker_holding_the_prefix(clust
     workers = [await cluster.worker("a"), await cluster.worker("b")]
     await cluster.seen(router, 2)
     prompt = [(7 * i) % 1000 + 3 for i in range(160)]  # 5 full blocks of 32
-    spec = HashSpec(32)  # the engine's default block size and hash seed; no tenant secret: no salt
+    spec = HashSpec(32)  # the engine's default block size and hash seed
+    hashes = spec.hashes(prompt, tenant_salt("", "acme"))  # no secret: salted by the tenant's name
     bus = await cluster.bus()
     batch = KvEventBatch(worker_id="b", epoch=1, event_id=1, spec=spec.fingerprint,
-                         events=[KvEvent.stored(spec.hashes(prompt))])
+                         events=[KvEvent.stored(hashes)])
     await bus.js_publish(bus.subjects.kv_events("b"), batch)
-    await cluster.wait_until(lambda: router.index.match(spec.hashes(prompt)).get("b") == 5,
+    await cluster.wait_until(lambda: router.index.match(hashes).get("b") == 5,
                              what="the index learned b's blocks", event=router.kv_events.applied)
     for i in range(3):  # every time: the cache hit beats an idle worker without it
         await _run(router, f"r{i}", ids=prompt)

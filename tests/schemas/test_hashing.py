@@ -143,6 +143,7 @@ def test_tenant_salt_separates_tenants_and_secrets() -> None:
     assert tenant_salt(b"s3cret", "alice") == a  # str and bytes secrets agree
     assert tenant_salt("other", "alice") != a
     assert tenant_salt("x" * 200, "alice") != tenant_salt("x" * 199, "alice")  # long keys still count
+    assert tenant_salt("", "alice") != tenant_salt("", "bob")  # no secret: still one salt per tenant
 
 
 def test_hash_spec_root_gives_tenants_disjoint_hashes() -> None:

@@ -25,8 +25,17 @@ def test_factory_salt_sim_engines_hash_like_the_router(build) -> None:
     assert engine.salt_secret == "s3cret"
     assert engine.hashes(PROMPT, "acme") == router_hash(PROMPT, "acme")
     assert engine.hashes(PROMPT, "acme") != engine.hashes(PROMPT, "globex")  # tenants never share
-    unsalted = build(_cfg(""), "w1")
-    assert unsalted.hashes(PROMPT, "acme") != engine.hashes(PROMPT, "acme")  # the secret is in it
+    no_secret = build(_cfg(""), "w1")
+    assert no_secret.hashes(PROMPT, "acme") != engine.hashes(PROMPT, "acme")  # the secret is in it
+
+
+@pytest.mark.parametrize("build", [prefill_engine, decode_engine])
+def test_factory_salt_without_a_secret_tenants_still_never_share_hashes(build) -> None:
+    cfg = _cfg("")
+    _, router_hash, _ = kv_routing(cfg)
+    engine = build(cfg, "w1")
+    assert engine.hashes(PROMPT, "acme") == router_hash(PROMPT, "acme")
+    assert not set(router_hash(PROMPT, "acme")) & set(router_hash(PROMPT, "globex"))
 
 
 def test_factory_salt_is_set_on_engines_that_read_it_as_an_attribute() -> None:

@@ -17,8 +17,8 @@ Time is real asyncio time: every modelled duration (``workers.sim.cost``) is sle
   manager goes out through ``transport.kv_events.KvEventPublisher``, and snapshots read
   ``BlockManager.held``.
 
-Block hashes are salted per tenant when ``salt_secret`` is given (the router's
-``tenant_salt_secret``), so workers and router name blocks alike.
+Block hashes are salted per tenant with ``salt_secret`` (the router's ``tenant_salt_secret``;
+empty: by the tenant's name alone), so workers and router name blocks alike.
 """
 
 from __future__ import annotations
@@ -97,10 +97,10 @@ class SimEngineBase:
 
     def root(self, tenant: str) -> int:
         """The hash chain root of a tenant's prompts."""
-        return self.spec.root(tenant_salt(self.salt_secret, tenant) if self.salt_secret else b"")
+        return self.spec.root(tenant_salt(self.salt_secret, tenant))
 
     def hashes(self, prompt: list[int], tenant: str) -> list[int]:
-        return self.spec.hashes(prompt, tenant_salt(self.salt_secret, tenant) if self.salt_secret else b"")
+        return self.spec.hashes(prompt, tenant_salt(self.salt_secret, tenant))
 
     async def _start_events(self) -> None:
         if self._bus is None or self.events is not None:

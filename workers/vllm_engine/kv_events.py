@@ -14,8 +14,8 @@ Tenants: the engines pass the request's tenant as vLLM's ``cache_salt``, so tena
 vLLM blocks, and vLLM puts the salt in ``extra_keys`` of the first block of a prompt (and only
 there; later blocks inherit it through the parent hash). The translator reads the tenant back
 from ``extra_keys[0]`` (its last string element) and computes the root exactly as the router
-does: ``spec.root(tenant_salt(secret, tenant))`` with the router's ``tenant_salt_secret``, or
-``spec.root(b"")`` when there is no secret. An empty tenant means no cache_salt (vLLM ignores
+does: ``spec.root(tenant_salt(secret, tenant))`` with the router's ``tenant_salt_secret`` (an
+empty secret still salts by the tenant's name). An empty tenant means no cache_salt (vLLM ignores
 an empty salt), hence no extra key: the root of tenant "" either way.
 
 Bounds and policies: the map holds at most ``max_blocks`` distinct vLLM hashes, each with a
@@ -84,7 +84,7 @@ class KvHashTranslator:
                                        "evicted", "bad_events", "other_groups"), 0)
 
     def root(self, tenant: str) -> int:
-        return self.spec.root(tenant_salt(self.salt_secret, tenant) if self.salt_secret else b"")
+        return self.spec.root(tenant_salt(self.salt_secret, tenant))
 
     def held(self) -> list[int]:
         """Every kvrelay hash held, a hash held twice listed twice (for snapshots)."""
@@ -271,7 +271,7 @@ class KvEventsMixin:
     (a ``VllmRuntime``) and ``self.info`` (block size, hash seed)."""
 
     _kv_events: VllmKvEvents | None = None
-    salt_secret: str = ""  # the router's tenant_salt_secret ("" : no salt)
+    salt_secret: str = ""  # the router's tenant_salt_secret ("": salted by the tenant name alone)
 
     def attach_bus(self, bus: Bus, worker_id: str) -> None:
         if self._kv_events is not None:

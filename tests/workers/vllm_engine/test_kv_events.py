@@ -72,11 +72,13 @@ def test_translator_tenants_get_different_roots() -> None:
     assert tr.ours(2) != tr.ours(4)
 
 
-def test_translator_no_secret_uses_unsalted_root_like_the_router() -> None:
+def test_translator_no_secret_still_salts_by_tenant_like_the_router() -> None:
     tr = KvHashTranslator(SPEC, "")
     prompt = _tokens(3, BS)
     tr.apply(_stored([9], prompt, salt="anyone"))
-    assert tr.held() == SPEC.hashes(prompt)
+    tr.apply(_stored([10], prompt, salt="other"))
+    assert tr.held() == SPEC.hashes(prompt, tenant_salt("", "anyone")) + SPEC.hashes(prompt, tenant_salt("", "other"))
+    assert not set(SPEC.hashes(prompt, tenant_salt("", "anyone"))) & set(SPEC.hashes(prompt))
 
 
 def test_translator_refcounts_double_store_and_remove() -> None:
