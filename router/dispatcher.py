@@ -274,9 +274,12 @@ class Flight:
         d = self._d
         timeout = max(0.01, min(d.cfg.dispatch_timeout_s, self.remaining()))
         subject = d.bus.subjects.local_prefill(worker_id) if local else d.bus.subjects.prefill(worker_id)
+        # a worker that reads the offer only after half the wait refuses it: when the reply does not
+        # come in time, the request can go elsewhere without also running here
+        offer = task.replace(accept_by_ms=int(time.time() * 1000 + timeout * 500))
         before, self._maybe_taken = self._maybe_taken, True  # cancelled mid-request: it may have it
         try:
-            reply = await d.bus.request(subject, task, DispatchReply, timeout=timeout)
+            reply = await d.bus.request(subject, offer, DispatchReply, timeout=timeout)
         except BusUnavailable:
             self._maybe_taken = before
             return "unreachable"

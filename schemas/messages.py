@@ -107,6 +107,9 @@ class PrefillTask(Message):
     arrival_ms: int = limit(0, min=0)
     # the decode worker that should take this request (multi-step affinity); "" = any
     decode_hint: str = limit("", max_len=MAX_ID_LEN)
+    # wall-clock ms after which the worker must refuse the offer (code "timeout") instead of
+    # starting it: the router has stopped waiting for the reply and may offer it elsewhere; 0 = none
+    accept_by_ms: int = limit(0, min=0)
 
     def validate(self) -> None:
         if not self.prompt_token_ids:

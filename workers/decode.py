@@ -18,6 +18,7 @@ so another decode worker takes the request (the KV lease is still held for it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -118,6 +119,7 @@ class DecodeService:
     async def shutdown(self) -> None:
         """Stop pulling, let running requests finish (bounded), then cancel and await everything."""
         self.draining = True
+        self.slots.freed.set()  # a pull loop holding a message for a slot gives it back now
         if self._running:  # routers see "draining" now, not at the next heartbeat
             try:
                 await self.announcer.put_once()
@@ -154,7 +156,7 @@ class DecodeService:
                     log.warning("fetch_failed", error=repr(exc))
                     msgs, failed = [], True
                 for msg in msgs:
-                    if kept < n and not self.draining and len(self.active) < c.max_slots:
+                    if kept < n and not self.draining and await self._room(msg):
                         kept += await self._take(msg)
                     else:  # a late delivery beyond the reservation, or draining: back to the queue
                         m.DECODE_REQUESTS.labels("returned").inc()
@@ -163,6 +165,25 @@ class DecodeService:
                 self.slots.release(n - kept)
             if failed:  # bus trouble: back off one fetch period instead of spinning
                 await asyncio.sleep(c.fetch_timeout_s)
+
+    async def _room(self, msg: Msg) -> bool:
+        """Whether a message within its reservation may start now or after a short hold.
+
+        Its slot was reserved, but local prefills may have borrowed every slot (``DecodeSlots``);
+        the borrows are repaid as requests end, so the message is held (kept alive with
+        ``in_progress``) until one ends, for at most half its ack wait, or until draining. False
+        (give it back): the hold ran out or the worker is stopping."""
+        c, slots = self.cfg, self.slots
+        limit = time.monotonic() + c.ack_wait_s / 2
+        while len(self.active) >= c.max_slots:
+            left = limit - time.monotonic()
+            if left <= 0 or self.draining:
+                return False
+            slots.freed.clear()
+            await settle(msg, "in_progress")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(slots.freed.wait(), min(left, c.ack_wait_s / 6))
+        return not self.draining
 
     async def _take(self, msg: Msg) -> int:
         """Start a request for ``msg`` (1: it holds a slot now) or settle it at once (0)."""

@@ -38,7 +38,7 @@ from kvrelay.transport.subjects import check_subject, check_token
 from kvrelay.workers import metrics as m
 from kvrelay.workers.engine import TokenDelta
 from kvrelay.workers.errors import EngineDead, EngineError
-from kvrelay.workers.service import emit, error_chunk, remaining_s, token_chunk
+from kvrelay.workers.service import emit, error_chunk, now_ms, remaining_s, token_chunk
 
 if TYPE_CHECKING:
     from kvrelay.workers.decode import DecodeService
@@ -105,6 +105,8 @@ class LocalPrefills:
         left = remaining_s(task.deadline_ms)
         if left is not None and left <= 0:
             return _refuse("timeout", "the deadline passed before the local prefill started")
+        if task.accept_by_ms and task.accept_by_ms < now_ms():
+            return _refuse("timeout", "the offer expired (the router stopped waiting for this reply)")
         if len(task.prompt_token_ids) + task.sampling.max_tokens > svc.engine.info.max_model_len:
             return _refuse("invalid", "prompt plus max_tokens exceed this engine's context")
         if not svc.slots.take_local(len(svc.active)):

@@ -65,6 +65,9 @@ class PrefillQueue:
             return Rejection("draining", "worker is shutting down")
         if task.deadline_ms and task.deadline_ms <= now_ms:
             return Rejection("timeout", f"deadline passed {now_ms - task.deadline_ms} ms ago")
+        if task.accept_by_ms and task.accept_by_ms < now_ms:
+            return Rejection("timeout", f"the offer expired {now_ms - task.accept_by_ms} ms ago (the router "
+                                        "stopped waiting for this reply)")
         n = len(task.prompt_token_ids)
         if self.max_model_len and n + task.sampling.max_tokens > self.max_model_len:
             return Rejection("invalid", f"prompt ({n} tokens) plus max_tokens ({task.sampling.max_tokens}) is "

@@ -94,13 +94,16 @@ class DecodeSlots(Slots):
     (``take_local(running)``): it takes a free slot, or else *borrows* one a pull holds in reserve
     (``borrowed``). Every slot released while some are borrowed repays a borrow instead of
     becoming free, and a pull loop starts a fetched message only while fewer than ``capacity``
-    requests run (others go back to the queue), so running requests never exceed ``capacity``.
+    requests run, so running requests never exceed ``capacity``. A message that arrives within its
+    reservation while borrows fill every slot is held (``in_progress``) until a slot is given back
+    (``freed``), not nak'ed: a nak would spend one of its ``max_deliver`` deliveries.
     Full (``running >= capacity``): ``take_local`` says no; the router then takes the prefill path.
     """
 
     def __init__(self, capacity: int) -> None:
         super().__init__(capacity)
         self.borrowed = 0
+        self.freed = asyncio.Event()  # set whenever a running request gives its slot (or borrow) back
 
     def take_local(self, running: int) -> bool:
         if running >= self.capacity:
@@ -117,9 +120,12 @@ class DecodeSlots(Slots):
             self.borrowed -= 1
         else:
             super().release(1)
+        self.freed.set()
 
     def release(self, n: int = 1) -> None:
         repay = min(self.borrowed, n)
         self.borrowed -= repay
         if n - repay:
             super().release(n - repay)
+        if n:
+            self.freed.set()

@@ -9,6 +9,7 @@ that a real step records them is shown end to end in ``test_local_prefill_sim.py
 from __future__ import annotations
 
 import asyncio
+import time
 import contextlib
 import json
 import uuid
@@ -165,9 +166,13 @@ async def test_dispatcher_local_refused_falls_back_to_the_prefill_path(cluster: 
 async def test_dispatcher_local_unanswered_falls_back_after_the_dispatch_timeout(cluster: Cluster,
                                                                                  fakes) -> None:
     router, prefill, dec = await _setup(cluster, fakes, mode="silent", dispatch_timeout_s=0.3)
+    sent_ms = time.time() * 1000
     status, body = await _complete(router.url, STEP2)
     assert status == 200, body
     assert len(dec.tasks) == 1 and len(prefill.tasks) == 1
+    # the unanswered offer expired half-way through the wait: a late reader refuses, never runs it too
+    assert sent_ms < dec.tasks[0].accept_by_ms <= time.time() * 1000 and dec.tasks[0].accept_by_ms > 0
+    assert dec.tasks[0].accept_by_ms - sent_ms <= 0.3 * 500 + 100
     assert _sample(router, "kvrelay_router_local_prefill_total", reason="decode_affinity",
                    outcome="timeout") == 1
 

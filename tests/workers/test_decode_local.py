@@ -109,6 +109,7 @@ async def test_decode_local_full_worker_refuses_and_pulled_work_waits_for_the_sl
         await held.next()  # the holder runs
         refused = await _offer(bus, _task("r2", PROMPT, namespace))
         assert (refused.accepted, refused.code) == (False, "overloaded")
+        returned = _count("kvrelay_decode_requests_total", outcome="returned")
         queued = prefill_done("q1", PROMPT, max_tokens=3, ns=namespace)
         q_chunks = await Collector.open(bus, queued.stream_subject, TokenChunk)
         await bus.js_publish(bus.subjects.prefilled, queued)
@@ -118,6 +119,8 @@ async def test_decode_local_full_worker_refuses_and_pulled_work_waits_for_the_sl
         assert rest[-1].finish_reason == "abort"
         q_out = await q_chunks.until_final()  # the slot came free: the queued request runs
         assert q_out[-1].finish_reason == "length" and q_out[-1].worker == "d1"
+        # held for the slot, never nak'ed back (a nak spends one of its max_deliver deliveries)
+        assert _count("kvrelay_decode_requests_total", outcome="returned") == returned
         assert (await _offer(bus, _task("r3", PROMPT, namespace, max_tokens=1))).accepted
     finally:
         await svc.close()
@@ -132,6 +135,10 @@ async def test_decode_local_refusals_say_why(bus, kv_config, namespace) -> None:
         assert (bad.accepted, bad.code) == (False, "invalid")
         huge = await _offer(bus, _task("huge", PROMPT, namespace, max_tokens=5000))  # over max_model_len
         assert (huge.accepted, huge.code) == (False, "invalid")
+        # read after the router stopped waiting for the reply: refused, so it cannot run twice
+        expired = _task("expired", PROMPT, namespace).replace(accept_by_ms=int(time.time() * 1000) - 1)
+        gone = await _offer(bus, expired)
+        assert (gone.accepted, gone.code) == (False, "timeout") and "offer expired" in gone.reason
     finally:
         await svc.close()
 

@@ -41,3 +41,16 @@ async def test_decode_slots_a_finished_local_prefill_hands_its_slot_to_a_waiting
         await asyncio.sleep(0)
     s.give_local()
     assert await task == 1 and s.used == 1
+
+
+async def test_decode_slots_freed_is_set_whenever_a_running_request_gives_its_slot_back() -> None:
+    s = DecodeSlots(1)
+    assert await s.acquire(1, 0.01) == 1 and s.take_local(running=0)  # a borrow fills the worker
+    assert not s.freed.is_set()
+    s.give_local()  # the local prefill ends: the reservation is whole again
+    assert s.freed.is_set() and (s.used, s.borrowed) == (1, 0)
+    s.freed.clear()
+    s.release(0)
+    assert not s.freed.is_set()  # nothing given back
+    s.release(1)
+    assert s.freed.is_set() and s.used == 0

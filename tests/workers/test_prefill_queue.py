@@ -29,6 +29,9 @@ def test_prefill_queue_rejections_name_their_reason() -> None:
     q = PrefillQueue(max_tasks=1, max_tokens=10, block_size=4)
     assert q.check(_task("a", 2), NOW, True, 100, 0).code == "draining"
     assert q.check(_task("a", 2, deadline_ms=NOW - 1), NOW, False, 100, 0).code == "timeout"
+    expired = q.check(_task("a", 2).replace(accept_by_ms=NOW - 1), NOW, False, 100, 0)
+    assert expired.code == "timeout" and "offer expired" in expired.reason
+    assert q.check(_task("a", 2).replace(accept_by_ms=NOW), NOW, False, 100, 0) is None  # still in time
     assert q.check(_task("a", 9), NOW, False, 2, 0).code == "overloaded"  # 3 blocks, 2 free
     assert q.check(_task("a", 4), NOW, False, 2, 2).code == "overloaded"  # 2 free, 2 promised
     q.push(_task("a", 4))
