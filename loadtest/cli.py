@@ -14,6 +14,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "routing": ("kvrelay.loadtest.bench_routing", "routing policies on simulated prefill workers (prefill tokens, TTFT)"),
     "run": ("kvrelay.loadtest.run", "drive a running deployment (HTTP or NATS): TTFT, ITL, throughput, goodput"),
     "compare": ("kvrelay.loadtest.compare", "start aggregated and disaggregated deployments, same workload, one report"),
+    "sessions": ("kvrelay.loadtest.sessions_bench", "multi-step agents on real engines: KV transfer vs local prefill on the decode worker"),
     "project": ("kvrelay.loadtest.project", "scale projection on simulated GPU clusters (cost model, virtual clock)"),
     "transfer": ("kvrelay.loadtest.bench_transfer", "KV transfer backends between two processes vs a memcpy (--ttft: vLLM split)"),
     "kernels": ("kvrelay.loadtest.bench_kernels", "KV block gather/scatter kernels vs a memcpy"),

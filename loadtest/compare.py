@@ -56,6 +56,8 @@ class Preset:
     policy: str = "kv_aware"
     warmup_requests: int = 4
     timeout_s: float = 300.0  # per request (bounds the drain after the load stops)
+    aggregated_instances: int = 0  # plain vLLM servers (0: one per core)
+    judged: bool = True  # the interference target (verdict) applies to this preset
 
 
 PRESETS: dict[str, Preset] = {
@@ -64,6 +66,14 @@ PRESETS: dict[str, Preset] = {
         "SmolLM2-135M on 2 cores: 8 long-output streams (200-400 tokens from 64-192-token prompts) while "
         "1500-3000-token prompts arrive (Poisson, 0.06/s), 180 s of load per deployment",
         EngineSettings(), InterferenceWorkload(), SLO(ttft_ms=10_000, itl_ms=150), timeout_s=150.0),
+    "cpu-single": Preset(
+        "cpu-single",
+        "SmolLM2-135M, one request at a time (400-600-token prompts, 64 output tokens), 90 s of load: one "
+        "plain vLLM instance on one core vs kvrelay 1 prefill + 1 decode worker (one core each); not a "
+        "same-hardware comparison: what one request sees, and the time from start to the first answer",
+        EngineSettings(), InterferenceWorkload(decoders=1, decode_prompt=(400, 600), decode_output=(64, 64),
+                                               long_rate=0.0, duration_s=90.0),
+        SLO(ttft_ms=5000, itl_ms=150), aggregated_instances=1, judged=False),
     "cpu-smoke": Preset(
         "cpu-smoke", "a 20 s check of the whole path with the tiny random model (numbers mean nothing)",
         EngineSettings(model="tiny", max_model_len=2048), InterferenceWorkload(
@@ -75,7 +85,7 @@ PRESETS: dict[str, Preset] = {
 def make(name: str, p: Preset, log_dir: Path) -> Deployment:
     start = {"startup_timeout_s": 600.0}
     if name == "aggregated":
-        return Aggregated(p.engine, log_dir / name, instances=p.cores, **start)
+        return Aggregated(p.engine, log_dir / name, instances=p.aggregated_instances or p.cores, **start)
     if name == "disaggregated":
         half = max(1, p.cores // 2)
         return Disaggregated(p.engine, log_dir / name, prefill=half, decode=max(1, p.cores - half),
@@ -88,6 +98,7 @@ class Outcome:
     name: str
     records: list[RequestRecord] = field(default_factory=list)
     block: dict[str, Any] = field(default_factory=dict)
+    first_answer_s: float | None = None  # from the deployment's launch to its first complete answer
 
 
 async def measure(dep: Deployment, p: Preset, progress: bool, quiet: tuple[float, float] | None) -> Outcome:
@@ -102,6 +113,8 @@ async def measure(dep: Deployment, p: Preset, progress: bool, quiet: tuple[float
         print(f"kvrelay bench compare: {dep.name} is up at {url} ({dep.started_s:.0f}s)", file=sys.stderr)
         async with HttpClient(url, timeout_s=p.timeout_s) as client:
             warm = await interference.warmup(client.send, p.warmup_requests)
+            if warm and warm[0].ok and warm[0].end_s is not None:  # start to the first answer
+                out.first_answer_s = dep.started_s + warm[0].end_s - warm[0].scheduled_s
             if quiet is not None:
                 machine["wait_quiet"] = await wait_quiet(*quiet)
             bar = Progress(None, dep.name, progress)
@@ -121,6 +134,7 @@ async def measure(dep: Deployment, p: Preset, progress: bool, quiet: tuple[float
     finally:
         await dep.stop()
     out.block["deployment"] = dep.describe()
+    out.block["first_answer_s"] = None if out.first_answer_s is None else round(out.first_answer_s, 1)
     out.block["loadavg_1m"] = {"start": round(load0, 2), "end": round(os.getloadavg()[0], 2)}
     out.block["machine"] = machine
     return out
@@ -154,7 +168,7 @@ def markdown(report: dict[str, Any]) -> str:
             ("ITL p99.9 (ms)", "itl_ms_p99_9"), ("ITL max (ms)", "itl_ms_max"),
             ("TPOT p99 (ms)", "tpot_ms_p99"), ("E2E p99 (ms)", "e2e_ms_p99"),
             ("output tokens/s", "output_tok_per_s"), ("requests/s", "req_per_s"), ("goodput", "goodput"),
-            ("requests (ok/all)", None), ("errors", "errors"),
+            ("requests (ok/all)", None), ("errors", "errors"), ("start to first answer (s)", "first_answer_s"),
             ("CPU used by other processes during the run", "external")]
     lines = [f"# bench compare: {report['preset']}", "", report["description"], "",
              "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -173,14 +187,15 @@ def markdown(report: dict[str, Any]) -> str:
                 cells.append(_fmt(b.get(key)))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += _by_kind(report, names)
-    v = report.get("verdict", {})
-    if v.get("evaluated"):
-        outcome = (f"ITL p99 ratio {v['itl_p99_ratio']}, throughput ratio {v['throughput_ratio']} -> "
-                   f"{'met' if v['met'] else 'NOT met'}")
-    else:
-        outcome = f"not evaluated ({v.get('why')})"
-    lines += ["", f"Target (disaggregated ITL p99 <= 0.5x aggregated, throughput >= 0.9x): {outcome}",
-              "", "## Conditions", "", "```json", json.dumps(report["conditions"], indent=2), "```", ""]
+    if "verdict" in report:
+        v = report["verdict"]
+        if v.get("evaluated"):
+            outcome = (f"ITL p99 ratio {v['itl_p99_ratio']}, throughput ratio {v['throughput_ratio']} -> "
+                       f"{'met' if v['met'] else 'NOT met'}")
+        else:
+            outcome = f"not evaluated ({v.get('why')})"
+        lines += ["", f"Target (disaggregated ITL p99 <= 0.5x aggregated, throughput >= 0.9x): {outcome}"]
+    lines += ["", "## Conditions", "", "```json", json.dumps(report["conditions"], indent=2), "```", ""]
     for n in names:
         b = report[n]
         lines += [f"**{n}**: " + (f"did not run: `{b['error'][:300]}`" if "error" in b else
@@ -249,7 +264,7 @@ async def compare(p: Preset, out: Path, log_dir: Path, progress: bool,
         outcomes.append(o)
         report[name] = o.block
     cond["wall_s"] = round(time.monotonic() - t0, 1)
-    if "aggregated" in report and "disaggregated" in report:
+    if p.judged and "aggregated" in report and "disaggregated" in report:
         report["verdict"] = verdict(report["aggregated"], report["disaggregated"])
     report["files"] = [str(x) for x in write(report, outcomes, out, True)]
     return report

@@ -234,9 +234,10 @@ class Disaggregated(Deployment):
     name = "disaggregated"
 
     def __init__(self, engine: EngineSettings, log_dir: Path, prefill: int = 1, decode: int = 1,
-                 policy: str = "kv_aware", export_mb: int = 2048, **kw: Any) -> None:
+                 policy: str = "kv_aware", export_mb: int = 2048, sets: tuple[str, ...] = (), **kw: Any) -> None:
         super().__init__(engine, log_dir, **kw)
         self.prefill, self.decode, self.policy, self.export_mb = prefill, decode, policy, export_mb
+        self.sets = sets  # more ``--set key=value`` for kvrelay up (after the ones above: they win)
         from kvrelay.up import core_plan
 
         self.cores = core_plan(prefill, decode, os.cpu_count() or 1)
@@ -248,7 +249,8 @@ class Disaggregated(Deployment):
                 "--prefill", str(self.prefill), "--decode", str(self.decode), "--http-port", str(port),
                 *self.engine.kvrelay_sets(), "--set", f'router.policy="{self.policy}"',
                 "--set", f"prefill.export_mb={self.export_mb}",
-                "--set", f"engine.startup_timeout_s={self.startup_timeout_s}"]
+                "--set", f"engine.startup_timeout_s={self.startup_timeout_s}",
+                *[x for kv in self.sets for x in ("--set", kv)]]
         run_dir = self.log_dir / "run"
         env = dict(os.environ, **ENGINE_ENV, KVRELAY_RUN_DIR=str(run_dir), KVRELAY_LOG_FORMAT="json")
         self.url = f"http://127.0.0.1:{port}"
@@ -286,5 +288,5 @@ class Disaggregated(Deployment):
                        "are not pinned",
             "router": f"kvrelay router, policy asked {self.policy!r}, policy reported {self.policy_seen!r}",
             "kvrelay_settings": {"prefill.export_mb": self.export_mb,
-                                 "decode.max_slots": self.engine.max_num_seqs,
+                                 "decode.max_slots": self.engine.max_num_seqs, "sets": list(self.sets),
                                  "other": "kvrelay defaults (workers/config.py, router/config.py)"}}

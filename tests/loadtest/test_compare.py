@@ -99,6 +99,16 @@ def test_verdict_and_markdown_with_a_failed_deployment() -> None:
     assert "not evaluated" in md
 
 
+def test_markdown_of_an_unjudged_preset_has_no_target_line_and_shows_the_first_answer() -> None:
+    assert not PRESETS["cpu-single"].judged and PRESETS["cpu-single"].aggregated_instances == 1
+    report = {"preset": "cpu-single", "description": "d", "conditions": {"model": "m"},
+              "aggregated": _block(10.0, 5.0) | {"first_answer_s": 21.5},
+              "disaggregated": _block(12.0, 6.0) | {"first_answer_s": 48.0}}
+    md = markdown(report)
+    assert "Target" not in md
+    assert "| start to first answer (s) | 21.5 | 48.0 |" in md
+
+
 async def test_interference_run_sends_both_streams_until_duration() -> None:
     sent: list[BenchRequest] = []
 
