@@ -18,7 +18,7 @@ test: models
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml deploy/bootstrap.sh
+$(STAMP): pyproject.toml setup.py deploy/bootstrap.sh $(wildcard schemas/native/*.c router/native/*.[ch])
 	bash deploy/bootstrap.sh $(VENV)
 
 models: setup

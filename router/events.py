@@ -193,7 +193,10 @@ class KvIndexCollector:
                                  ("entries", st["entries"], "(worker, block) entries indexed"),
                                  ("workers", st["workers"], "Workers in the prefix index"),
                                  ("stale_workers", len(st["stale_workers"]),
-                                  "Workers waiting for a snapshot")):
+                                  "Workers waiting for a snapshot"),
+                                 ("bytes", self.index.nbytes(), "Memory of the prefix index's storage"),
+                                 ("native", int(st["impl"] == "native"),
+                                  "1 when the index runs on its C storage, 0 on the pure-Python one")):
             yield GaugeMetricFamily(f"kvrelay_router_kv_index_{name}", doc, value=value)
         for key, doc in self._COUNTERS.items():
             yield CounterMetricFamily(f"kvrelay_router_kv_{key}", doc, value=st[key])

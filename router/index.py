@@ -5,11 +5,15 @@ it, and a flat map ``hash -> holders`` answers "how many leading blocks of this 
 each worker hold" by walking the request's hashes until no worker holds the next one.
 
 Representation (chosen for speed of ``match``): every worker gets a small slot number and the
-holders of a hash are an int bitmask of slots (``router.index_store.HolderMap``), kept
-prefix-closed per worker, so ``match`` binary-searches the depth at which each group of
-workers drops out (``router.index_match.resolve``: O(log blocks) lookups for a typical
-request) and gives exactly what the linear walk (``match_masks_linear``) gives. Workers loaded
-from a snapshot (no chain links) are matched by the linear walk until their entries are swept.
+holders of a hash are a bitmask of slots, kept prefix-closed per worker, so ``match``
+binary-searches the depth at which each group of workers drops out (``router.index_match.
+resolve``: O(log blocks) lookups for a typical request) and gives exactly what the linear walk
+(``match_masks_linear``) gives. Workers loaded from a snapshot (no chain links) are matched by
+the linear walk until their entries are swept.
+
+Storage: ``kvrelay.router._holders.HolderTable`` (C: an open-addressing table of packed nodes,
+no Python object per block) when the extension is built, else ``router.index_store.HolderMap``
+(pure Python, the reference the tests compare it with). Same semantics; ``impl`` says which.
 
 Bounds and policies:
 - At most ``max_blocks`` distinct hashes. Storing past it evicts the least recently used
@@ -32,15 +36,22 @@ the caller is told to request a snapshot. A new epoch means the worker's cache r
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-from kvrelay.router.index_match import resolve, walk
 from kvrelay.router.index_store import HolderMap
 from kvrelay.schemas.hashing import HashSpecMismatch
-from kvrelay.schemas.kv_events import KvEventBatch
+from kvrelay.schemas.kv_events import KvEventBatch, pack_hashes
+
+try:
+    from kvrelay.router._holders import HolderTable
+except ImportError:  # not built (no C compiler at install): the pure-Python reference serves
+    HolderTable = None
+
+NATIVE = HolderTable is not None
 
 Status = Literal["applied", "duplicate", "gap", "stale", "rejected"]
 
@@ -76,19 +87,25 @@ class PrefixIndex:
     """hash -> holders, with per-worker event ids, gap resync and an LRU cap. See module doc."""
 
     def __init__(self, spec: str, max_blocks: int = 1 << 20, max_workers: int = 1024,
-                 max_pending: int = 256, max_touches: int = 1024) -> None:
+                 max_pending: int = 256, max_touches: int = 1024, native: bool | None = None) -> None:
+        """``native``: None = the C storage when built, True = require it, False = pure Python."""
         if max_blocks < 1 or max_workers < 1 or max_pending < 1 or max_touches < 1:
             raise ValueError("index bounds must be positive")
+        if max_workers > 65536 or max_blocks > 1 << 31:
+            raise ValueError("at most 65536 workers and 2**31 blocks")
+        if native and not NATIVE:
+            raise PrefixIndexError("the C index (kvrelay.router._holders) is not built: reinstall kvrelay "
+                                   "with a C compiler, or use native=False")
         self.spec = spec
         self.max_blocks = max_blocks
         self.max_workers = max_workers
         self.max_pending = max_pending
-        self.counters = dict.fromkeys(
+        self._counts = dict.fromkeys(
             ("applied_batches", "applied_blocks", "duplicates", "gaps", "resyncs", "rejected",
-             "spec_mismatches", "evictions", "unknown_removes", "pending_dropped", "epochs",
-             "orphan_blocks", "cascaded_blocks"), 0)
-        self._map = HolderMap(max_blocks, self.counters)
-        self._holders = self._map.holders  # the same dict object, for match
+             "spec_mismatches", "pending_dropped", "epochs"), 0)
+        self.impl = "native" if native is not False and NATIVE else "python"
+        self._map: Any = (HolderTable(max_blocks, int.from_bytes(os.urandom(8), "little"))
+                          if self.impl == "native" else HolderMap(max_blocks))
         self._workers: dict[str, _Worker] = {}
         self._by_slot: list[_Worker | None] = []
         self._ids: list[str] = []  # slot -> worker id ("" when free), for match
@@ -106,7 +123,7 @@ class PrefixIndex:
         IndexFull when every slot is taken.
         """
         if spec != self.spec:
-            self.counters["spec_mismatches"] += 1
+            self._counts["spec_mismatches"] += 1
             raise HashSpecMismatch(worker_id, self.spec, spec)
         if worker_id in self._workers:
             return False
@@ -124,7 +141,7 @@ class PrefixIndex:
         self._by_slot[slot] = w
         self._ids[slot] = worker_id
         self._map.add_slot(slot)
-        self._usable |= 1 << slot
+        self._set_usable(self._usable | 1 << slot)
         self.version += 1
         return True
 
@@ -134,12 +151,21 @@ class PrefixIndex:
         if w is None:
             return False
         self._map.sweep(w.slot)
-        self._usable &= ~(1 << w.slot)
+        self._set_usable(self._usable & ~(1 << w.slot))
         self._by_slot[w.slot] = None
         self._ids[w.slot] = ""
         self._free.append(w.slot)
         self.version += 1
         return True
+
+    def _set_usable(self, mask: int) -> None:
+        self._usable = mask
+        self._map.set_usable(mask)
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Every counter: the index's and its storage's (a fresh dict)."""
+        return {**self._counts, **self._map.counts()}
 
     def workers(self) -> list[str]:
         return list(self._workers)
@@ -170,22 +196,14 @@ class PrefixIndex:
         The fast form of ``match``: a binary search per group of workers that drop out at the
         same depth (see module doc), not a lookup per block. ``bit(worker)`` maps back.
         """
-        if not hashes:
-            return []
-        get = self._holders.get
-        first = get(hashes[0], 0) & self._usable
-        if not first:
-            return []
-        if first & self._map.unlinked:
-            out = walk(get, hashes, self._usable)
-        else:
-            out = resolve(get, hashes, first)
-        self._touches.append((hashes, out[0][1]))
+        out = self._map.match(hashes)
+        if out:
+            self._touches.append((hashes, out[0][1]))
         return out
 
     def match_masks_linear(self, hashes: Sequence[int]) -> list[tuple[int, int]]:
         """``match_masks`` by the linear walk (the reference; no recency recorded)."""
-        return walk(self._holders.get, hashes, self._usable)
+        return self._map.match_linear(hashes)
 
     def bit(self, worker_id: str) -> int:
         """The bitmask of a worker's slot in ``match_masks`` results (0 when unknown)."""
@@ -194,14 +212,9 @@ class PrefixIndex:
 
     def flush_touches(self) -> None:
         """Apply the recency of recent matches to the LRU order (done by ``apply`` too)."""
-        holders = self._holders
-        pop = holders.pop
-        while self._touches:
-            hashes, depth = self._touches.popleft()
-            for h in reversed(hashes[:depth]):  # root last: the most recent
-                m = pop(h, None)
-                if m is not None:
-                    holders[h] = m  # re-inserted: now the most recent
+        touch, touches = self._map.touch, self._touches
+        while touches:
+            touch(*touches.popleft())
 
     # --- events -------------------------------------------------------------------------------------
     def apply(self, batch: KvEventBatch) -> ApplyResult:
@@ -211,15 +224,15 @@ class PrefixIndex:
             try:
                 self.add_worker(batch.worker_id, batch.spec)
             except (HashSpecMismatch, IndexFull) as exc:
-                self.counters["rejected"] += 1
+                self._counts["rejected"] += 1
                 return ApplyResult("rejected", reason=str(exc))
             w = self._workers[batch.worker_id]
         elif batch.spec != self.spec:
-            self.counters["rejected"] += 1
-            self.counters["spec_mismatches"] += 1
+            self._counts["rejected"] += 1
+            self._counts["spec_mismatches"] += 1
             return ApplyResult("rejected", reason=str(HashSpecMismatch(w.worker_id, self.spec, batch.spec)))
         if batch.epoch != w.epoch:
-            self.counters["epochs"] += 1
+            self._counts["epochs"] += 1
             self._reset(w, batch.epoch)
             if batch.event_id != 1:  # joined this epoch late: we need its state
                 return self._gap(w, batch)
@@ -227,7 +240,7 @@ class PrefixIndex:
             self._hold(w, batch)
             return ApplyResult("stale", resync=False)
         if batch.event_id <= w.last_event:
-            self.counters["duplicates"] += 1
+            self._counts["duplicates"] += 1
             return ApplyResult("duplicate")
         if batch.event_id != w.last_event + 1:
             return self._gap(w, batch)
@@ -241,36 +254,36 @@ class PrefixIndex:
         for ev in batch.events:
             kind = ev.kind
             if kind == "stored":
-                n += store(slot, ev.block_hashes, ev.parent)
+                n += store(slot, ev.hashes, ev.parent)
             elif kind == "removed":
-                n += remove(slot, ev.block_hashes)
+                n += remove(slot, ev.hashes)
             else:
                 self._map.sweep(slot)
         w.last_event = batch.event_id
-        self.counters["applied_batches"] += 1
-        self.counters["applied_blocks"] += n
+        self._counts["applied_batches"] += 1
+        self._counts["applied_blocks"] += n
         return n
 
     def _reset(self, w: _Worker, epoch: int) -> None:
-        if self._map.held[w.slot] or self._map.unlinked & (1 << w.slot):
+        if self._map.held(w.slot) or self._map.unlinked & (1 << w.slot):
             self._map.sweep(w.slot)
         w.epoch, w.last_event, w.stale = epoch, 0, False
         w.pending.clear()
-        self._usable |= 1 << w.slot
+        self._set_usable(self._usable | 1 << w.slot)
 
     def _gap(self, w: _Worker, batch: KvEventBatch) -> ApplyResult:
-        self.counters["gaps"] += 1
+        self._counts["gaps"] += 1
         w.stale = True
-        self._usable &= ~(1 << w.slot)
+        self._set_usable(self._usable & ~(1 << w.slot))
         self._hold(w, batch)
-        self.counters["resyncs"] += 1
+        self._counts["resyncs"] += 1
         reason = f"expected event {w.last_event + 1}, got {batch.event_id}"
         return ApplyResult("gap", resync=True, reason=reason)
 
     def _hold(self, w: _Worker, batch: KvEventBatch) -> None:
         if len(w.pending) >= self.max_pending:
             w.pending.popleft()
-            self.counters["pending_dropped"] += 1
+            self._counts["pending_dropped"] += 1
         w.pending.append(batch)
 
     # --- snapshots ------------------------------------------------------------------------------------
@@ -283,16 +296,16 @@ class PrefixIndex:
             try:
                 self.add_worker(worker_id, spec)
             except (HashSpecMismatch, IndexFull) as exc:
-                self.counters["rejected"] += 1
+                self._counts["rejected"] += 1
                 return ApplyResult("rejected", reason=str(exc))
             w = self._workers[worker_id]
         elif spec != self.spec:
-            self.counters["spec_mismatches"] += 1
-            self.counters["rejected"] += 1
+            self._counts["spec_mismatches"] += 1
+            self._counts["rejected"] += 1
             return ApplyResult("rejected", reason=str(HashSpecMismatch(worker_id, self.spec, spec)))
         held = [b for b in w.pending if b.epoch == epoch and b.event_id > event_id]
         self._reset(w, epoch)
-        n = self._map.store_unlinked(w.slot, list(hashes))
+        n = self._map.store_unlinked(w.slot, pack_hashes(hashes))
         w.last_event = event_id
         for b in sorted(held, key=lambda b: b.event_id):
             if b.event_id <= w.last_event:
@@ -309,16 +322,25 @@ class PrefixIndex:
 
     # --- introspection -----------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self._holders)
+        return len(self._map)
+
+    def nbytes(self) -> int:
+        """Memory held by the storage (exact for the C table, an estimate for Python's)."""
+        return self._map.nbytes()
+
+    def check(self) -> None:
+        """Check the storage's invariants (tests; O(indexed blocks)); AssertionError if broken."""
+        self._map.check()
 
     def stats(self) -> dict[str, object]:
         held = self._map.held
         return {
+            "impl": self.impl,
             "workers": len(self._workers),
             "stale_workers": sorted(w.worker_id for w in self._workers.values() if w.stale),
-            "blocks": len(self._holders),
-            "entries": sum(held[w.slot] for w in self._workers.values()),
+            "blocks": len(self._map),
+            "entries": sum(held(w.slot) for w in self._workers.values()),
             "max_blocks": self.max_blocks,
-            "held": {w.worker_id: held[w.slot] for w in self._workers.values()},
+            "held": {w.worker_id: held(w.slot) for w in self._workers.values()},
             **self.counters,
         }

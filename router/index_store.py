@@ -19,42 +19,99 @@ only if it is on the hash's parent too. Links ``parent -> children`` come from s
 Snapshot hashes come without links: ``store_unlinked`` marks the worker ``unlinked`` and
 matching falls back to the linear walk for it until its entries are swept (new epoch, cleared).
 
+Interface (shared with ``kvrelay.router._holders.HolderTable``, the C implementation of this
+same structure that ``PrefixIndex`` uses when it is built; this class is its reference, and the
+tests drive both with the same operations and compare everything observable): hashes arrive
+packed (little-endian uint64 bytes, as on the wire) in ``store`` / ``store_unlinked`` /
+``remove``; ``match`` / ``match_linear`` answer for the slots set by ``set_usable``.
+
+Links: a chain store links each of its hashes to the one before it (the first to ``parent``)
+unless that hash is linked already (a chained hash has one parent; the first link stays).
+Links join indexed hashes only: a hash that leaves the map leaves its links with it (``up``
+maps child -> parent for that), so "has an indexed child" is just "has a link down".
+
 Bounds: at most ``max_blocks`` hashes; past it the least recently used leaves are evicted
-``max_blocks // 64`` at a time (amortised O(1)). Links exist only for
-indexed parents (dropped with them); a parent's extra children set is pruned of unindexed
-members whenever its size reaches a power of two (>= 64), so it stays O(indexed children).
+``max_blocks // 64`` at a time (amortised O(1)). Links: at most one up-link per indexed hash.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from functools import reduce
 from itertools import compress, islice, repeat
-from operator import and_, ne, not_, or_
+from operator import and_, eq, ne, not_, or_
+from sys import getsizeof
+
+from kvrelay.router.index_match import resolve, walk
+from kvrelay.schemas.kv_events import unpack_hashes
 
 
 class HolderMap:
     """See module doc. Pure data structure; ``counters`` is shared with the owning index."""
 
-    def __init__(self, max_blocks: int, counters: dict[str, int]) -> None:
+    def __init__(self, max_blocks: int) -> None:
         self.max_blocks = max_blocks
         self.evict_chunk = max(1, max_blocks // 64)
-        self.counters = counters
+        self.counters = dict.fromkeys(("orphan_blocks", "evictions", "unknown_removes", "cascaded_blocks"), 0)
         self.holders: dict[int, int] = {}
         self.extra: dict[int, int] = {}
-        self.kid: dict[int, int] = {}  # parent -> first child seen
-        self.kids: dict[int, set[int]] = {}  # parent -> further children
-        self.held: list[int] = []  # slot -> distinct hashes held
+        self.kid: dict[int, int] = {}  # parent -> a linked child
+        self.kids: dict[int, set[int]] = {}  # parent -> its other linked children
+        self.up: dict[int, int] = {}  # child -> linked parent
+        self._held: list[int] = []  # slot -> distinct hashes held
         self.unlinked = 0  # slots holding snapshot entries (no links: not prefix-closed)
+        self.usable = 0  # slots match may report
 
     def add_slot(self, slot: int) -> None:
-        while len(self.held) <= slot:
-            self.held.append(0)
-        self.held[slot] = 0
+        while len(self._held) <= slot:
+            self._held.append(0)
+        self._held[slot] = 0
+
+    def set_usable(self, mask: int) -> None:
+        self.usable = mask
+
+    def held(self, slot: int) -> int:
+        return self._held[slot] if slot < len(self._held) else 0
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.counters)
+
+    def __len__(self) -> int:
+        return len(self.holders)
+
+    def get(self, h: int) -> int:
+        return self.holders.get(h, 0)
+
+    # --- match ------------------------------------------------------------------------------------
+    def match(self, hashes: Sequence[int]) -> list[tuple[int, int]]:
+        """``[(slot bitmask, leading blocks)]`` deepest first (``index_match``)."""
+        if not hashes:
+            return []
+        get = self.holders.get
+        first = get(hashes[0], 0) & self.usable
+        if not first:
+            return []
+        if first & self.unlinked:
+            return walk(get, hashes, self.usable)
+        return resolve(get, hashes, first)
+
+    def match_linear(self, hashes: Sequence[int]) -> list[tuple[int, int]]:
+        return walk(self.holders.get, hashes, self.usable)
+
+    def touch(self, hashes: Sequence[int], depth: int) -> None:
+        """Make the first ``depth`` hashes the most recent, the root last."""
+        holders = self.holders
+        pop = holders.pop
+        for h in reversed(hashes[:depth]):
+            m = pop(h, None)
+            if m is not None:
+                holders[h] = m  # re-inserted: now the most recent
 
     # --- store ------------------------------------------------------------------------------------
-    def store(self, slot: int, hashes: list[int], parent: int | None) -> int:
-        """A worker stored the chain ``hashes`` under ``parent`` (None: from the root)."""
+    def store(self, slot: int, packed: bytes, parent: int | None) -> int:
+        """A worker stored the chain ``packed`` under ``parent`` (None: from the root)."""
+        hashes = unpack_hashes(packed)
         holders, bit = self.holders, 1 << slot
         room = self.max_blocks - len(holders) - len(hashes)
         if room < 0:
@@ -62,16 +119,17 @@ class HolderMap:
         if parent is not None and not holders.get(parent, 0) & bit:
             self.counters["orphan_blocks"] += len(hashes)
             return 0
-        old = self._set(slot, bit, hashes)
+        self._set(slot, bit, hashes)
         if parent is None:
             if len(hashes) > 1:
-                self._link(hashes[:-1], hashes[1:], old[1:])
+                self._link(hashes[:-1], hashes[1:])
         else:
-            self._link([parent, *hashes[:-1]], hashes, old)
+            self._link([parent, *hashes[:-1]], hashes)
         return len(hashes)
 
-    def store_unlinked(self, slot: int, hashes: list[int]) -> int:
+    def store_unlinked(self, slot: int, packed: bytes) -> int:
         """Snapshot entries: no chain order, no links (see module doc)."""
+        hashes = unpack_hashes(packed)
         room = self.max_blocks - len(self.holders) - len(hashes)
         if room < 0:
             self.evict(-room + self.evict_chunk - 1)
@@ -98,7 +156,7 @@ class HolderMap:
             for h in again:
                 extra[shifted | h] = extra.get(shifted | h, 0) + 1
             distinct -= len(again)
-        self.held[slot] += distinct
+        self._held[slot] += distinct
         return old
 
     def _set_repeats(self, slot: int, bit: int, hashes: list[int], old: list[int]) -> list[int]:
@@ -117,31 +175,46 @@ class HolderMap:
         for h, refs in Counter(hashes).items():
             if refs > 1:
                 extra[shifted | h] = extra.get(shifted | h, 0) + refs - 1
-        self.held[slot] += new
+        self._held[slot] += new
         return [first[h] for h in hashes]
 
-    def _link(self, parents: list[int], children: list[int], was: list[int]) -> None:
-        """Record ``parent -> child`` for each pair. A child that was indexed already is linked
-        already (chained hashes: a hash has one parent), unless snapshot entries exist."""
-        if not self.unlinked:
-            fresh = list(map(not_, was))
-            parents, children = list(compress(parents, fresh)), list(compress(children, fresh))
+    def _link(self, parents: list[int], children: list[int]) -> None:
+        """Link ``parent -> child`` for each pair whose child has no parent link yet (C-level
+        bulk ops; a parent with several children takes the rare, Python path)."""
+        up = self.up
+        free = list(map(not_, map(up.__contains__, children)))
+        if not all(free) or any(map(eq, parents, children)):
+            free = list(map(and_, free, map(ne, parents, children)))
+            parents, children = list(compress(parents, free)), list(compress(children, free))
             if not children:
                 return
+        up.update(zip(children, parents))
         kid = self.kid
         got = list(map(kid.setdefault, parents, children))
-        if got != children:  # a parent with another child already: the rare, Python path
+        if got != children:
             kids = self.kids
             for p, c in compress(zip(parents, children), map(ne, got, children)):
-                s = kids.get(p)
-                if s is None:
-                    kids[p] = {c}
-                elif c not in s:
-                    s.add(c)
-                    n = len(s)
-                    if n >= 64 and not n & (n - 1):
-                        live = {x for x in s if x in self.holders}
-                        kids[p] = live if live else {c}
+                kids.setdefault(p, set()).add(c)
+
+    def _forget(self, h: int) -> None:
+        """``h`` left the map: drop its link up and its links down."""
+        p = self.up.pop(h, None)
+        if p is not None:
+            more = self.kids.get(p)
+            if self.kid[p] == h:
+                if more:
+                    self.kid[p] = more.pop()
+                else:
+                    del self.kid[p]
+            elif more is not None:
+                more.discard(h)
+            if more is not None and not more:
+                del self.kids[p]
+        c = self.kid.pop(h, None)
+        if c is not None:
+            del self.up[c]
+            for x in self.kids.pop(h, ()):
+                del self.up[x]
 
     def children(self, h: int) -> list[int]:
         c = self.kid.get(h)
@@ -151,8 +224,9 @@ class HolderMap:
         return [c, *more] if more else [c]
 
     # --- remove ------------------------------------------------------------------------------------
-    def remove(self, slot: int, hashes: list[int]) -> int:
-        """A worker dropped ``hashes`` (one reference each); clears its linked descendants too."""
+    def remove(self, slot: int, packed: bytes) -> int:
+        """A worker dropped ``packed`` (one reference each); clears its linked descendants too."""
+        hashes = unpack_hashes(packed)
         holders, extra = self.holders, self.extra
         get = holders.get
         bit, shifted = 1 << slot, slot << 64
@@ -182,9 +256,8 @@ class HolderMap:
             self.holders[h] = m
         else:
             del self.holders[h]
-            self.kid.pop(h, None)
-            self.kids.pop(h, None)
-        self.held[slot] -= 1
+            self._forget(h)
+        self._held[slot] -= 1
 
     def _clear_below(self, stack: list[int], bit: int, slot: int) -> None:
         """Clear ``bit`` from the hashes in ``stack`` and their linked descendants (refs included)."""
@@ -218,29 +291,18 @@ class HolderMap:
             scanned += len(batch)
             for h in batch:
                 m = holders.pop(h)
-                if self._has_child(h):
-                    holders[h] = m  # moved to the recent end
+                if h in self.kid:  # an inner hash: moved to the recent end
+                    holders[h] = m
                     continue
-                self.kid.pop(h, None)
-                self.kids.pop(h, None)
+                self._forget(h)
                 self._unhold(h, m)
                 gone += 1
                 if gone >= n:
                     break
         self.counters["evictions"] += gone
 
-    def _has_child(self, h: int) -> bool:
-        c = self.kid.get(h)
-        if c is None:
-            return False
-        holders = self.holders
-        if c in holders:
-            return True
-        more = self.kids.get(h)
-        return bool(more) and any(x in holders for x in more)
-
     def _unhold(self, h: int, m: int) -> None:
-        held, extra = self.held, self.extra
+        held, extra = self._held, self.extra
         while m:
             low = m & -m
             slot = low.bit_length() - 1
@@ -263,13 +325,28 @@ class HolderMap:
                     emptied.append(h)
         for h in emptied:
             del holders[h]
-            self.kid.pop(h, None)
-            self.kids.pop(h, None)
+            self._forget(h)
         if self.extra:
             for k in [k for k in self.extra if k >> 64 == slot]:
                 del self.extra[k]
-        self.held[slot] = 0
+        self._held[slot] = 0
         self.unlinked &= keep
+
+    def nbytes(self) -> int:
+        """Memory of the maps: dict tables plus the hash ints they own (an estimate, O(1))."""
+        size = sum(getsizeof(d) for d in (self.holders, self.kid, self.kids, self.extra, self.up))
+        return size + (len(self.holders) + len(self.kid)) * 36
+
+    def check(self) -> None:
+        """Invariants (tests): every worker's entries prefix-closed along the links, counts right."""
+        for s, n in enumerate(self._held):
+            assert n == sum(1 for m in self.holders.values() if m >> s & 1), f"slot {s} count"
+        for p, c in self.kid.items():
+            for child in (c, *self.kids.get(p, ())):
+                assert self.up[child] == p and p in self.holders and child in self.holders, f"link {p}->{child}"
+                m = self.holders[child]
+                assert not m & ~self.holders[p] & ~self.unlinked, f"hole under {p}"
+        assert len(self.up) == len(self.kid) + sum(map(len, self.kids.values())), "links"
 
     def slot_hashes(self, slot: int) -> list[int]:
         """Every hash a slot holds, a hash held twice listed twice."""

@@ -11,7 +11,10 @@ import importlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from kvrelay.logs import get_logger
 from kvrelay.router.policy import LeastLoaded, Policy, RoundRobin
+
+log = get_logger(__name__)
 
 NAMES = ("least_loaded", "round_robin", "kv_aware")
 
@@ -57,6 +60,11 @@ def kv_routing(cfg: Any) -> tuple[Policy, Callable[[Sequence[int], str], list[in
     rc = cfg.router
     spec = HashSpec(cfg.engine.block_size, cfg.engine.hash_seed)
     index = PrefixIndex(spec.fingerprint, max_blocks=rc.kv_index_max_blocks, max_workers=rc.kv_index_max_workers)
+    if index.impl == "native":
+        log.info("kv_index", impl=index.impl, max_blocks=index.max_blocks)
+    else:
+        log.warning("kv_index", impl=index.impl, max_blocks=index.max_blocks,
+                    hint="the C storage (kvrelay.router._holders) is not built: reinstall kvrelay with a C compiler")
     policy = make_policy("kv_aware", index=index, block_size=spec.block_size, w_prefill=rc.kv_w_prefill,
                          w_queue=rc.kv_w_queue, w_decode=rc.kv_w_decode, temperature=rc.kv_temperature,
                          max_fallbacks=rc.kv_max_fallbacks, local_threshold_tokens=rc.kv_local_threshold_tokens)

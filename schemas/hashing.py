@@ -23,7 +23,10 @@ size, seed digest) is compared when a worker registers: a mismatch is an error, 
 rate. XXH64 is not a MAC; the secrecy of the root is what separates tenants, and a collision
 inside one tenant costs at worst one suboptimal routing decision (engines check their own KV).
 
-Speed: one C call per block; the list -> bytes conversion (``array('I')``) is most of the rest.
+Speed: ``kvrelay.schemas._chainhash`` (C, built with the package) hashes a list of token ids
+in one call, converting and hashing block by block (about 3 µs for 2,048 tokens here); without
+it, the pure-Python path below (one ``xxhash`` call per block after an ``array('I')``
+conversion, about 19 µs) gives the same hashes: it is the reference the tests compare with.
 ``extend_block_hashes`` hashes only the new blocks of a longer prompt.
 """
 
@@ -39,6 +42,11 @@ from sys import byteorder
 from xxhash import xxh64_intdigest
 
 from kvrelay.schemas.errors import SchemaError, ValidationError
+
+try:
+    from kvrelay.schemas import _chainhash as _native
+except ImportError:  # not built (no C compiler at install): the pure-Python path serves
+    _native = None
 
 HASH_ALGO = "xxh64-chain-v1"
 MAX_BLOCK_SIZE = 4096
@@ -111,9 +119,27 @@ def _check(block_size: int, root: int) -> None:
         raise ValidationError("root", f"must be an unsigned 64-bit int, got {root!r}")
 
 
+def _chain_native(token_ids: Sequence[int], block_size: int, seed: int, start: int) -> list[int] | None:
+    """Hashes of blocks ``start..`` by the C chain (None when it cannot take ``token_ids``)."""
+    if _native is None or type(token_ids) not in (list, tuple):
+        return None
+    try:
+        return _native.chain_seq(token_ids, block_size, seed, start)
+    except (TypeError, OverflowError) as exc:
+        raise ValidationError("token_ids", f"token ids must be ints in [0, 2**32): {exc}") from exc
+
+
 def block_hashes(token_ids: Sequence[int], block_size: int, root: int) -> list[int]:
     """Chained 64-bit hashes of every full block of ``token_ids``, chained from ``root``."""
     _check(block_size, root)
+    fast = _chain_native(token_ids, block_size, root, 0)
+    if fast is not None:
+        return fast
+    return py_block_hashes(token_ids, block_size, root)
+
+
+def py_block_hashes(token_ids: Sequence[int], block_size: int, root: int) -> list[int]:
+    """``block_hashes`` on the pure-Python path (the reference; arguments checked by the caller)."""
     full = len(token_ids) // block_size * block_size
     if not full:
         return []
@@ -137,6 +163,10 @@ def extend_block_hashes(
     if done == full:
         return out
     h = prev[-1] if done else root
+    fast = _chain_native(token_ids, block_size, h, done)
+    if fast is not None:
+        out.extend(fast)
+        return out
     buf = _token_bytes(token_ids, done * block_size, full * block_size)
     return _chain(buf, 4 * block_size, h, out)
 

@@ -46,6 +46,13 @@ def test_packaging_wheel_has_no_bare_top_level_component(wheel_names: set[str]) 
     assert tops == {"kvrelay"}, tops
 
 
+def test_packaging_wheel_holds_the_c_extensions(wheel_names: set[str]) -> None:
+    """The prefix index's storage and the block-hash chain are built into the wheel (a compiler is
+    part of this project's machines; without one they are skipped and the Python paths serve)."""
+    for module in ("kvrelay/router/_holders", "kvrelay/schemas/_chainhash"):
+        assert any(n.startswith(module) and n.endswith(".so") for n in wheel_names), module
+
+
 def test_packaging_console_script_is_declared(wheel_names: set[str]) -> None:
     assert any(n.endswith("entry_points.txt") for n in wheel_names)
 
@@ -60,7 +67,9 @@ def test_packaging_normal_install_imports_every_component(wheel: Path, tmp_path)
     # -S: no .pth files, so the editable finder of the development install is not active
     env = {"PYTHONPATH": f"{target}:{sysconfig.get_path('purelib')}", "PATH": "/usr/bin:/bin"}
     code = ("import kvrelay.schemas, kvrelay.transport.subjects, kvrelay.router.policy, kvrelay.workers.engine, "
-            "kvrelay.kernels, kvrelay.loadtest.workloads, kvrelay.config; import kvrelay; print(kvrelay.__file__)")
+            "kvrelay.kernels, kvrelay.loadtest.workloads, kvrelay.config; import kvrelay; print(kvrelay.__file__); "
+            "from kvrelay.router.index import NATIVE; from kvrelay.schemas.hashing import _native; "
+            "assert NATIVE and _native is not None")
     out = subprocess.run([sys.executable, "-S", "-P", "-c", code], capture_output=True, text=True, env=env,
                          cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

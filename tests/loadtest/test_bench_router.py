@@ -41,3 +41,19 @@ def test_bench_cli_dispatches_and_lists(capsys: pytest.CaptureFixture[str]) -> N
     assert cli.main(["nope"]) == 2
     assert "unknown benchmark" in capsys.readouterr().err
     assert cli.main([]) == 2
+
+
+def test_bench_router_pins_to_one_core_when_asked(capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    cpu = min(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    try:
+        assert main(["--workers", "2", "--blocks", "500", "--queries", "10", "--no-dynamo",
+                     "--pin-cpu", str(cpu), "--json"]) == 0
+        assert os.sched_getaffinity(0) == {cpu}
+    finally:
+        os.sched_setaffinity(0, before)
+    out = json.loads(capsys.readouterr().out)
+    assert out["machine"]["pinned_cpu"] == cpu and out["index_impl"] in ("native", "python")
+    assert main(["--pin-cpu", "100000", "--no-dynamo"]) == 2

@@ -8,6 +8,7 @@ from array import array
 
 import pytest
 
+from kvrelay.schemas import hashing
 from kvrelay.schemas.errors import ValidationError
 from kvrelay.schemas.hashing import (
     HASH_ALGO,
@@ -64,6 +65,26 @@ def xxh64_reference(data: bytes, seed: int) -> int:
     acc ^= acc >> 29
     acc = acc * _P3 & _M
     return acc ^ (acc >> 32)
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def impl(request, monkeypatch) -> str:
+    """Every test runs on the C chain (kvrelay.schemas._chainhash) and on the pure-Python path."""
+    if request.param == "python":
+        monkeypatch.setattr(hashing, "_native", None)
+    else:
+        assert hashing._native is not None, "kvrelay.schemas._chainhash is not built (no C compiler?)"
+    return request.param
+
+
+def test_xxh64_native_equals_the_reference_on_every_length(impl: str) -> None:
+    if impl == "python":
+        return  # the C function alone; the python path is the xxhash package
+    rng = random.Random(11)
+    for n in [*range(0, 80), 127, 128, 129, 1000]:
+        data, seed = rng.randbytes(n), rng.getrandbits(64)
+        assert hashing._native.xxh64(data, seed) == xxh64_reference(data, seed), n
+    assert hashing._native.chain_bytes(b"", 128, 1) == []
 
 
 def test_xxh64_reference_known_vectors() -> None:

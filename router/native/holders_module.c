@@ -1,0 +1,387 @@
+/* kvrelay.router._holders: the HolderTable type (the design: holders_table.c). */
+#include "holders.h"
+
+static int check_slot(Table *t, unsigned int slot) {
+    if (slot >= t->nslots) {
+        PyErr_Format(PyExc_ValueError, "slot %u is not registered (add_slot first)", slot);
+        return -1;
+    }
+    return 0;
+}
+
+static Py_ssize_t packed_len(Py_buffer *b) {
+    if (b->len % 8) {
+        PyErr_Format(PyExc_ValueError, "packed hashes must be a multiple of 8 bytes, got %zd", b->len);
+        return -1;
+    }
+    return b->len / 8;
+}
+
+/* ---------------------------------------------------------------- Python methods: changes */
+/* Reference every hash of b for slot, deepest first (the root ends most recent); ids -> stack. */
+static PyObject *T_store(Table *t, PyObject *args) {
+    unsigned int slot;
+    Py_buffer b;
+    PyObject *parent;
+    uint32_t p = NIL;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "Iy*O:store", &slot, &b, &parent))
+        return NULL;
+    if (check_slot(t, slot) < 0 || (n = packed_len(&b)) < 0)
+        goto fail;
+    make_room(t, (uint64_t)n);
+    if (parent != Py_None) {
+        uint64_t ph = PyLong_AsUnsignedLongLong(parent);
+        if (ph == (uint64_t)-1 && PyErr_Occurred())
+            goto fail;
+        p = map_get(&t->table, ph);
+        if (!p || !has_bit(MASK(t, p), slot)) {
+            t->orphan_blocks += (uint64_t)n;
+            PyBuffer_Release(&b);
+            return PyLong_FromLong(0);
+        }
+    }
+    if (set_refs(t, slot, &b, n) < 0)
+        goto fail;
+    for (Py_ssize_t i = 0; i < n; i++) {  /* links: a hash has one parent; keep the first */
+        uint32_t c = t->stack[i], up = i ? t->stack[i - 1] : p;
+        if (up && up != c && !t->nodes[c].parent)
+            link_child(t, up, c);
+    }
+    PyBuffer_Release(&b);
+    return PyLong_FromSsize_t(n);
+fail:
+    PyBuffer_Release(&b);
+    return NULL;
+}
+
+static PyObject *T_store_unlinked(Table *t, PyObject *args) {
+    unsigned int slot;
+    Py_buffer b;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "Iy*:store_unlinked", &slot, &b))
+        return NULL;
+    if (check_slot(t, slot) < 0 || (n = packed_len(&b)) < 0)
+        goto fail;
+    make_room(t, (uint64_t)n);
+    if (n) {
+        t->unlinked[slot >> 6] |= 1ULL << (slot & 63);
+        if (set_refs(t, slot, &b, n) < 0)
+            goto fail;
+    }
+    PyBuffer_Release(&b);
+    return PyLong_FromSsize_t(n);
+fail:
+    PyBuffer_Release(&b);
+    return NULL;
+}
+
+/* slot lost node n: clear it there and on the linked descendants it holds. */
+static PyObject *T_remove(Table *t, PyObject *args) {
+    unsigned int slot;
+    Py_buffer b;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "Iy*:remove", &slot, &b))
+        return NULL;
+    if (check_slot(t, slot) < 0 || (n = packed_len(&b)) < 0)
+        goto fail;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t id = map_get(&t->table, hash_at(&b, i));
+        if (!id || !has_bit(MASK(t, id), slot)) {
+            t->unknown_removes++;  /* evicted by the cap, never seen, or cascaded */
+            continue;
+        }
+        if (t->nodes[id].nextra) {
+            uint64_t k = xkey(id, slot);
+            uint32_t r = map_get(&t->extra, k);
+            if (r > 1) {
+                t->extra.cells[map_slot(&t->extra, k)].val = r - 1;
+                continue;
+            }
+            if (r == 1) {
+                map_del(&t->extra, k);
+                t->nodes[id].nextra--;
+                continue;
+            }
+        }
+        if (cascade(t, id, slot) < 0)
+            goto fail;
+    }
+    PyBuffer_Release(&b);
+    return PyLong_FromSsize_t(n);
+fail:
+    PyBuffer_Release(&b);
+    return NULL;
+}
+
+static PyObject *T_sweep(Table *t, PyObject *arg) {
+    unsigned long slot = PyLong_AsUnsignedLong(arg);
+    if ((slot == (unsigned long)-1 && PyErr_Occurred()) || check_slot(t, (unsigned int)slot) < 0)
+        return NULL;
+    size_t sp = 0;  /* the slot's extra references first: collect their nodes, then drop */
+    for (uint64_t i = 0; i <= t->extra.mask; i++) {
+        Cell *c = &t->extra.cells[i];
+        if (c->val && (c->key & 0xFFFF) == slot && push(t, &sp, (uint32_t)(c->key >> 16)) < 0)
+            return NULL;
+    }
+    while (sp)
+        drop_extra(t, t->stack[--sp], (uint32_t)slot);
+    uint64_t bit = 1ULL << (slot & 63);
+    size_t w = slot >> 6;
+    for (uint32_t n = 1; n <= t->top; n++) {
+        if (t->nodes[n].alive && (MASK(t, n)[w] & bit)) {
+            MASK(t, n)[w] &= ~bit;
+            if (is_zero(MASK(t, n), t->W))
+                node_delete(t, n);
+        }
+    }
+    t->held[slot] = 0;
+    t->unlinked[w] &= ~bit;
+    Py_RETURN_NONE;
+}
+
+static PyObject *T_evict(Table *t, PyObject *arg) {
+    Py_ssize_t n = PyLong_AsSsize_t(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n > 0)
+        evict(t, (uint64_t)n);
+    Py_RETURN_NONE;
+}
+
+static PyObject *T_add_slot(Table *t, PyObject *arg) {
+    unsigned long slot = PyLong_AsUnsignedLong(arg);
+    if (slot == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    if (slot >= MAX_SLOTS)
+        return PyErr_Format(PyExc_ValueError, "slot %lu is over the limit of %d", slot, MAX_SLOTS - 1);
+    if (ensure_width(t, (uint32_t)slot) < 0)
+        return NULL;
+    if (slot >= t->nslots) {
+        uint64_t *h = PyMem_Realloc(t->held, (slot + 1) * 8);
+        if (h == NULL)
+            return PyErr_NoMemory();
+        memset(h + t->nslots, 0, (slot + 1 - t->nslots) * 8);
+        t->held = h;
+        t->nslots = (uint32_t)slot + 1;
+    }
+    t->held[slot] = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *T_set_usable(Table *t, PyObject *arg) {
+    if (long_to_mask(arg, t->usable, t->W) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* ---------------------------------------------------------------- Python methods: state */
+static PyObject *T_get(Table *t, PyObject *arg) {
+    uint64_t h = PyLong_AsUnsignedLongLong(arg);
+    if (h == (uint64_t)-1 && PyErr_Occurred())
+        return NULL;
+    uint32_t id = map_get(&t->table, h);
+    return id ? mask_to_long(MASK(t, id), t->W) : PyLong_FromLong(0);
+}
+
+static PyObject *T_held(Table *t, PyObject *arg) {
+    unsigned long slot = PyLong_AsUnsignedLong(arg);
+    if (slot == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    return PyLong_FromUnsignedLongLong(slot < t->nslots ? t->held[slot] : 0);
+}
+
+static PyObject *T_slot_hashes(Table *t, PyObject *arg) {
+    unsigned long slot = PyLong_AsUnsignedLong(arg);
+    if ((slot == (unsigned long)-1 && PyErr_Occurred()) || check_slot(t, (unsigned int)slot) < 0)
+        return NULL;
+    PyObject *out = PyList_New(0);
+    for (uint32_t n = t->lru_head; out && n; n = t->nodes[n].next) {
+        if (has_bit(MASK(t, n), (uint32_t)slot)) {
+            PyObject *v = PyLong_FromUnsignedLongLong(t->nodes[n].key);
+            if (v == NULL || PyList_Append(out, v) < 0)
+                Py_CLEAR(out);
+            Py_XDECREF(v);
+        }
+    }
+    for (uint64_t i = 0; out && i <= t->extra.mask; i++) {
+        Cell *c = &t->extra.cells[i];
+        if (!c->val || (c->key & 0xFFFF) != slot)
+            continue;
+        PyObject *v = PyLong_FromUnsignedLongLong(t->nodes[c->key >> 16].key);
+        for (uint32_t r = 0; v && out && r < c->val; r++)
+            if (PyList_Append(out, v) < 0)
+                Py_CLEAR(out);
+        if (v == NULL)
+            Py_CLEAR(out);
+        Py_XDECREF(v);
+    }
+    return out;
+}
+
+static PyObject *T_counts(Table *t, PyObject *unused) {
+    return Py_BuildValue("{sKsKsKsK}", "orphan_blocks", t->orphan_blocks, "evictions", t->evictions,
+                         "unknown_removes", t->unknown_removes, "cascaded_blocks", t->cascaded_blocks);
+}
+
+static PyObject *T_nbytes(Table *t, PyObject *unused) {
+    size_t b = (t->table.mask + 1 + t->extra.mask + 1) * sizeof(Cell);
+    b += (size_t)t->cap_nodes * (sizeof(Node) + 8 * t->W) + (size_t)t->nslots * 8;
+    b += t->scratch_words * 8 + t->stack_cap * 4;
+    return PyLong_FromSize_t(b);
+}
+
+static PyObject *T_unlinked(Table *t, void *closure) { return mask_to_long(t->unlinked, t->W); }
+
+static Py_ssize_t T_len(Table *t) { return (Py_ssize_t)t->count; }
+
+#define CHECK(cond, ...)                                  \
+    do {                                                  \
+        if (!(cond)) {                                    \
+            PyErr_Format(PyExc_AssertionError, __VA_ARGS__); \
+            return NULL;                                  \
+        }                                                 \
+    } while (0)
+
+/* Every invariant, O(everything): for tests. */
+static PyObject *T_check(Table *t, PyObject *unused) {
+    uint64_t alive = 0, lru = 0;
+    for (uint32_t n = 1; n <= t->top; n++) {
+        Node *x = &t->nodes[n];
+        if (!x->alive)
+            continue;
+        alive++;
+        CHECK(map_get(&t->table, x->key) == n, "node %u is not in the table", n);
+        CHECK(!is_zero(MASK(t, n), t->W), "node %u has no holder", n);
+        if (x->parent) {
+            uint32_t c = t->nodes[x->parent].child;
+            while (c && c != n)
+                c = t->nodes[c].snext;
+            CHECK(t->nodes[x->parent].alive && c == n, "node %u is not among its parent's children", n);
+        }
+        for (uint32_t c = x->child; c; c = t->nodes[c].snext)
+            CHECK(t->nodes[c].alive && t->nodes[c].parent == n, "child %u of %u is stale", c, n);
+    }
+    CHECK(alive == t->count && t->table.count == t->count, "count %llu, alive %llu, table %llu",
+          (unsigned long long)t->count, (unsigned long long)alive, (unsigned long long)t->table.count);
+    for (uint32_t n = t->lru_head, prev = NIL; n; prev = n, n = t->nodes[n].next, lru++)
+        CHECK(t->nodes[n].alive && t->nodes[n].prev == prev && lru < alive, "LRU list broken at %u", n);
+    CHECK(lru == alive, "LRU list holds %llu of %llu nodes", (unsigned long long)lru, (unsigned long long)alive);
+    for (uint32_t s = 0; s < t->nslots; s++) {
+        uint64_t k = 0;
+        for (uint32_t n = 1; n <= t->top; n++)
+            k += t->nodes[n].alive && has_bit(MASK(t, n), s);
+        CHECK(k == t->held[s], "slot %u holds %llu, counted %llu", s, (unsigned long long)k,
+              (unsigned long long)t->held[s]);
+    }
+    for (uint64_t i = 0; i <= t->extra.mask; i++) {
+        Cell *c = &t->extra.cells[i];
+        if (!c->val)
+            continue;
+        uint32_t n = (uint32_t)(c->key >> 16), s = (uint32_t)(c->key & 0xFFFF);
+        CHECK(n <= t->top && t->nodes[n].alive && has_bit(MASK(t, n), s) && t->nodes[n].nextra,
+              "stale extra reference (node %u, slot %u)", n, s);
+    }
+    Py_RETURN_NONE;
+}
+
+/* ---------------------------------------------------------------- type */
+static int T_init(Table *t, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"max_blocks", "seed", NULL};
+    unsigned long long max_blocks, seed;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "KK:HolderTable", kwlist, &max_blocks, &seed))
+        return -1;
+    if (max_blocks < 1 || max_blocks > (1ULL << 31)) {
+        PyErr_SetString(PyExc_ValueError, "max_blocks must be in [1, 2**31]");
+        return -1;
+    }
+    if (t->nodes != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "HolderTable is already initialised");
+        return -1;
+    }
+    t->max_blocks = max_blocks;
+    t->evict_chunk = max_blocks / 64 ? max_blocks / 64 : 1;
+    t->W = 1;
+    t->usable = PyMem_Calloc(1, 8);
+    t->unlinked = PyMem_Calloc(1, 8);
+    if (t->usable == NULL || t->unlinked == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (map_init(&t->table, 1024, seed) < 0 || map_init(&t->extra, 64, seed ^ 0x9E3779B97F4A7C15ULL) < 0)
+        return -1;
+    return grow_nodes(t);
+}
+
+static void T_dealloc(Table *t) {
+    PyMem_Free(t->table.cells);
+    PyMem_Free(t->extra.cells);
+    PyMem_Free(t->nodes);
+    PyMem_Free(t->masks);
+    PyMem_Free(t->usable);
+    PyMem_Free(t->unlinked);
+    PyMem_Free(t->held);
+    PyMem_Free(t->scratch);
+    PyMem_Free(t->stack);
+    Py_TYPE(t)->tp_free((PyObject *)t);
+}
+
+static PyMethodDef T_methods[] = {
+    {"add_slot", (PyCFunction)T_add_slot, METH_O, "Register a worker slot (its held count starts at 0)."},
+    {"set_usable", (PyCFunction)T_set_usable, METH_O, "The slots match may report (an int bitmask)."},
+    {"store", (PyCFunction)T_store, METH_VARARGS, "store(slot, packed, parent) -> blocks stored"},
+    {"store_unlinked", (PyCFunction)T_store_unlinked, METH_VARARGS, "store_unlinked(slot, packed)"},
+    {"remove", (PyCFunction)T_remove, METH_VARARGS, "remove(slot, packed) -> hashes given"},
+    {"sweep", (PyCFunction)T_sweep, METH_O, "Drop every entry of one slot."},
+    {"evict", (PyCFunction)T_evict, METH_O, "Evict the n least recently used leaves."},
+    {"match", (PyCFunction)T_match, METH_O, "[(mask, depth)] deepest first."},
+    {"match_linear", (PyCFunction)T_match_linear, METH_O, "match by the linear walk."},
+    {"touch", (PyCFunction)T_touch, METH_VARARGS, "touch(hashes, depth): most recent, root last."},
+    {"get", (PyCFunction)T_get, METH_O, "The holders mask of one hash (0: not indexed)."},
+    {"held", (PyCFunction)T_held, METH_O, "Distinct hashes a slot holds."},
+    {"slot_hashes", (PyCFunction)T_slot_hashes, METH_O, "Every hash a slot holds, with repeats."},
+    {"counts", (PyCFunction)T_counts, METH_NOARGS, "Counters."},
+    {"nbytes", (PyCFunction)T_nbytes, METH_NOARGS, "Bytes allocated."},
+    {"check", (PyCFunction)T_check, METH_NOARGS, "Check every invariant (tests); AssertionError."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef T_getset[] = {
+    {"unlinked", (getter)T_unlinked, NULL, "Slots holding snapshot entries (an int bitmask).", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PySequenceMethods T_seq = {.sq_length = (lenfunc)T_len};
+
+static PyTypeObject TableType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "kvrelay.router._holders.HolderTable",
+    .tp_basicsize = sizeof(Table),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Block hash -> worker slots, prefix-closed, LRU-capped (see router/index_store.py).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)T_init,
+    .tp_dealloc = (destructor)T_dealloc,
+    .tp_methods = T_methods,
+    .tp_getset = T_getset,
+    .tp_as_sequence = &T_seq,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_holders", "The prefix index's storage in C (see router/index_store.py).", -1, NULL,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__holders(void) {
+    if (PyType_Ready(&TableType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&TableType);
+    if (PyModule_AddObject(m, "HolderTable", (PyObject *)&TableType) < 0) {
+        Py_DECREF(&TableType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,140 @@
+"""HolderTable (C) against HolderMap (its pure-Python reference): the same random operations,
+everything observable compared after each one, and both checked for their invariants."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kvrelay.router import index as index_mod
+from kvrelay.router.index_store import HolderMap
+from kvrelay.schemas.kv_events import pack_hashes
+
+HolderTable = index_mod.HolderTable
+
+
+def test_holders_native_is_built() -> None:
+    assert index_mod.NATIVE, "kvrelay.router._holders is not built: reinstall kvrelay with a C compiler"
+
+
+class Tree:
+    """Chains of unique hashes sharing prefixes, as chained block hashes do: a hash has one parent."""
+
+    def __init__(self, rng: random.Random, roots: int, depth: int, chains: int) -> None:
+        self.chains: list[list[int]] = []
+        nxt = 1 << 40  # big values: they exercise the full 64-bit path too
+        for i in range(chains):
+            if i >= roots and rng.random() < 0.8:
+                base = rng.choice(self.chains)[: rng.randrange(1, depth)]
+            else:
+                base = []
+            own = [nxt + k * 7919 for k in range(depth - len(base))]
+            nxt += 7919 * len(own) + 1
+            self.chains.append(base + own)
+        self.universe = sorted({h for c in self.chains for h in c})
+
+
+def _same(a, b, tree: Tree, slots: list[int], rng: random.Random) -> None:
+    assert len(a) == len(b)
+    assert a.counts() == b.counts()
+    assert a.unlinked == b.unlinked
+    for h in tree.universe:
+        assert a.get(h) == b.get(h), h
+    for s in slots:
+        assert a.held(s) == b.held(s), s
+        assert sorted(a.slot_hashes(s)) == sorted(b.slot_hashes(s)), s
+    for _ in range(8):
+        q = rng.choice(tree.chains)
+        q = q[: rng.randrange(1, len(q) + 1)] + ([rng.getrandbits(64)] if rng.random() < 0.3 else [])
+        assert a.match(q) == b.match(q), q
+        assert a.match_linear(q) == b.match_linear(q), q
+    a.check()
+    b.check()
+
+
+def _op(m, rng: random.Random, tree: Tree, slots: list[int]) -> tuple:
+    """One random operation, as arguments both implementations take."""
+    slot, chain = rng.choice(slots), rng.choice(tree.chains)
+    r = rng.random()
+    if r < 0.45:
+        k = rng.randrange(len(chain)) if rng.random() < 0.5 else 0
+        end = rng.randrange(k + 1, len(chain) + 1)
+        return ("store", slot, pack_hashes(chain[k:end]), chain[k - 1] if k else None)
+    if r < 0.7:
+        picks = rng.sample(tree.universe, rng.randrange(1, 6))
+        return ("remove", slot, pack_hashes(picks))
+    if r < 0.78:
+        return ("store_unlinked", slot, pack_hashes(rng.sample(tree.universe, rng.randrange(0, 8))))
+    if r < 0.83:
+        return ("sweep", slot)
+    if r < 0.93:
+        return ("touch", chain, rng.randrange(len(chain) + 1))
+    return ("evict", rng.randrange(0, 5))
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("slots", [[0, 1, 2, 3], [0, 5, 63, 64, 130]], ids=["one-word", "three-words"])
+def test_holders_native_equals_python_reference_through_random_operations(seed: int, slots: list[int]) -> None:
+    rng = random.Random(seed)
+    tree = Tree(rng, roots=3, depth=12, chains=30)
+    cap = rng.choice([16, 48, 1000])
+    native, ref = HolderTable(cap, rng.getrandbits(64)), HolderMap(cap)
+    usable = 0
+    for s in slots:
+        native.add_slot(s)
+        ref.add_slot(s)
+        usable |= 1 << s
+    for m in (native, ref):
+        m.set_usable(usable)
+    for step in range(250):
+        op = _op(native, rng, tree, slots)
+        if step % 50 == 49:  # a stale worker: match must not report it
+            usable ^= 1 << rng.choice(slots)
+            native.set_usable(usable)
+            ref.set_usable(usable)
+        results = [getattr(m, op[0])(*op[1:]) for m in (native, ref)]
+        assert results[0] == results[1], op
+        _same(native, ref, tree, slots, rng)
+
+
+def test_holders_native_rejects_bad_input() -> None:
+    t = HolderTable(8, 1)
+    t.add_slot(0)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        t.store(0, b"1234567", None)
+    with pytest.raises(ValueError, match="not registered"):
+        t.store(1, pack_hashes([1]), None)
+    with pytest.raises(ValueError, match="over the limit"):
+        t.add_slot(70000)
+    with pytest.raises(TypeError):
+        t.match(["x"])
+    with pytest.raises(OverflowError):
+        t.match([-1])
+    with pytest.raises(ValueError, match="past the highest"):
+        t.set_usable(1 << 64)
+    with pytest.raises(ValueError):
+        HolderTable(0, 1)
+    assert t.match([]) == [] and t.get(99) == 0 and len(t) == 0
+
+
+def test_holders_native_cap_evicts_leaves_and_stays_bounded() -> None:
+    t = HolderTable(100, 5)
+    t.add_slot(0)
+    t.set_usable(1)
+    chain = list(range(1, 81))
+    t.store(0, pack_hashes(chain), None)  # stored deepest first: its deepest block is the oldest
+    for i in range(50):
+        t.store(0, pack_hashes([10_000 + i]), None)
+        assert len(t) <= 100
+    t.check()
+    assert t.counts()["evictions"] == 30
+    assert t.match(chain) == [(1, 50)]  # the chain lost its 30 deepest blocks: no hole
+
+
+def test_holders_native_memory_is_reported() -> None:
+    t = HolderTable(1 << 16, 5)
+    t.add_slot(0)
+    before = t.nbytes()
+    t.store(0, pack_hashes(range(1, 20_001)), None)
+    assert t.nbytes() > before + 20_000 * 40  # nodes, masks, table cells
