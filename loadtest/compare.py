@@ -58,6 +58,7 @@ class Preset:
     timeout_s: float = 300.0  # per request (bounds the drain after the load stops)
     aggregated_instances: int = 0  # plain vLLM servers (0: one per core)
     judged: bool = True  # the interference target (verdict) applies to this preset
+    load_on_prefill_cores: bool = True  # disaggregated: decode.kv_load_cpus = the prefill cores
 
 
 PRESETS: dict[str, Preset] = {
@@ -89,7 +90,7 @@ def make(name: str, p: Preset, log_dir: Path) -> Deployment:
     if name == "disaggregated":
         half = max(1, p.cores // 2)
         return Disaggregated(p.engine, log_dir / name, prefill=half, decode=max(1, p.cores - half),
-                             policy=p.policy, **start)
+                             policy=p.policy, load_on_prefill_cores=p.load_on_prefill_cores, **start)
     raise ValueError(f"unknown deployment {name!r}: aggregated or disaggregated")
 
 
@@ -254,7 +255,8 @@ async def compare(p: Preset, out: Path, log_dir: Path, progress: bool,
                            "client": "kvrelay bench HTTP client, /v1/completions with token-id prompts, "
                                      "streaming with usage, temperature 0, ignore_eos",
                            "itl_definition": "gaps between consecutive token arrivals, pooled over tokens "
-                                             "(loadtest/metrics.py)", "logs": str(log_dir)}
+                                             "(loadtest/metrics.py)", "logs": str(log_dir),
+                           "decode_kv_loader_on_prefill_cores": p.load_on_prefill_cores}
     report: dict[str, Any] = {"kind": "kvrelay-bench-compare", "version": 1, "preset": p.name,
                               "description": p.description, "conditions": cond}
     outcomes = []
@@ -286,6 +288,9 @@ def main(argv: list[str]) -> int:
                          "(e.g. 0.1; a shared machine skews the numbers); see --wait-quiet-max-s")
     ap.add_argument("--wait-quiet-max-s", type=float, default=180.0)
     ap.add_argument("--json", action="store_true", help="print the side-by-side JSON on stdout")
+    ap.add_argument("--load-on-decode-core", action="store_true",
+                    help="disaggregated: leave the decode workers' KV loader threads on their own core "
+                         "(default: on the prefill cores, decode.kv_load_cpus)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     p = PRESETS[args.preset]
@@ -294,7 +299,8 @@ def main(argv: list[str]) -> int:
         wl = replace(wl, duration_s=args.duration)
     if args.seed is not None:
         wl = replace(wl, seed=args.seed)
-    p = replace(p, workload=wl, deployments=tuple(args.only) if args.only else p.deployments)
+    p = replace(p, workload=wl, deployments=tuple(args.only) if args.only else p.deployments,
+                load_on_prefill_cores=p.load_on_prefill_cores and not args.load_on_decode_core)
     log_dir = args.logs or Path(tempfile.mkdtemp(prefix="kvrelay-compare-"))
     quiet = None if args.wait_quiet is None else (args.wait_quiet, args.wait_quiet_max_s)
     report = asyncio.run(compare(p, args.out, log_dir, not args.no_progress, quiet))

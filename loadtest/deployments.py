@@ -234,13 +234,18 @@ class Disaggregated(Deployment):
     name = "disaggregated"
 
     def __init__(self, engine: EngineSettings, log_dir: Path, prefill: int = 1, decode: int = 1,
-                 policy: str = "kv_aware", export_mb: int = 2048, sets: tuple[str, ...] = (), **kw: Any) -> None:
+                 policy: str = "kv_aware", export_mb: int = 2048, sets: tuple[str, ...] = (),
+                 load_on_prefill_cores: bool = True, **kw: Any) -> None:
         super().__init__(engine, log_dir, **kw)
         self.prefill, self.decode, self.policy, self.export_mb = prefill, decode, policy, export_mb
-        self.sets = sets  # more ``--set key=value`` for kvrelay up (after the ones above: they win)
         from kvrelay.up import core_plan
 
         self.cores = core_plan(prefill, decode, os.cpu_count() or 1)
+        # the decode workers' KV loader threads on the prefill cores (decode.kv_load_cpus): the CPU
+        # stand-in for a GPU's copy engine, so an import never stretches a decode step
+        self.load_cpus = ",".join(sorted(set(self.cores[:prefill]))) if load_on_prefill_cores else ""
+        loads = (f'decode.kv_load_cpus="{self.load_cpus}"',) if self.load_cpus else ()
+        self.sets = (*loads, *sets)  # more ``--set key=value`` for kvrelay up (after the ones above: they win)
         self.policy_seen = ""
 
     async def start(self) -> str:
@@ -285,7 +290,8 @@ class Disaggregated(Deployment):
             "engine_cores": dict(zip(roles, self.cores)),
             "pinning": "every thread of each worker (service + EngineCore) bound to its core "
                        "(sched_setaffinity, see 'pinned'); OMP_NUM_THREADS=1; router and nats-server "
-                       "are not pinned",
+                       "are not pinned; the decode workers' KV loader threads start after that and bind "
+                       f"themselves to {self.load_cpus or 'nothing'} (decode.kv_load_cpus)",
             "router": f"kvrelay router, policy asked {self.policy!r}, policy reported {self.policy_seen!r}",
             "kvrelay_settings": {"prefill.export_mb": self.export_mb,
                                  "decode.max_slots": self.engine.max_num_seqs, "sets": list(self.sets),

@@ -6,6 +6,7 @@ from typing import Literal
 
 from kvrelay.schemas.errors import ValidationError
 from kvrelay.schemas.struct import Struct, limit, typed
+from kvrelay.workers.cpus import parse_cpu_list
 
 
 @typed
@@ -78,6 +79,9 @@ class DecodeConfig(Struct):
     max_deliver: int = limit(3, min=1, max=100)
     transfer_timeout_s: float = limit(30.0, min=0.1, max=600.0)
     backends: list[str] = limit(["shm", "tcp"], max_len=4)
+    # cores the KV loader threads run on ("0", "0-1", "0,2"); "" = wherever the engine runs. On CPU
+    # machines, a core other than the engine's keeps big imports from stretching decode steps
+    kv_load_cpus: str = limit("", max_len=256)
     # debug: zero the KV after loading it (proves the KV is really transferred)
     debug_zero_kv: bool = False
     # un-acked PrefillDone messages the shared consumer allows across all decode workers
@@ -86,3 +90,6 @@ class DecodeConfig(Struct):
     drain_timeout_s: float = limit(10.0, min=0.0, max=3600.0)
     # Prometheus /metrics HTTP port (0 = off)
     metrics_port: int = limit(0, min=0, max=65535)
+
+    def validate(self) -> None:
+        parse_cpu_list(self.kv_load_cpus, "decode.kv_load_cpus")

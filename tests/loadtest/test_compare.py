@@ -12,8 +12,8 @@ import pytest
 from aiohttp import web
 
 from kvrelay.loadtest.clients import HttpClient
-from kvrelay.loadtest.compare import PRESETS, markdown, verdict
-from kvrelay.loadtest.deployments import EngineSettings
+from kvrelay.loadtest.compare import PRESETS, make, markdown, verdict
+from kvrelay.loadtest.deployments import Disaggregated, EngineSettings
 from kvrelay.loadtest.interference import InterferenceWorkload, run
 from kvrelay.loadtest.metrics import RequestRecord
 from kvrelay.loadtest.plan import BenchRequest
@@ -62,6 +62,16 @@ def test_presets_fit_the_context_and_name_both_deployments() -> None:
         assert w.long_prompt[1] + w.long_output[1] <= p.engine.max_model_len
         assert w.decode_prompt[1] + w.decode_output[1] <= p.engine.max_model_len
         assert p.deployments == ("aggregated", "disaggregated")
+
+
+def test_disaggregated_puts_the_decode_kv_loader_on_the_prefill_cores(tmp_path: Path) -> None:
+    dep = make("disaggregated", PRESETS["cpu-interference"], tmp_path)
+    assert isinstance(dep, Disaggregated)
+    prefill_core = dep.cores[0]
+    assert f'decode.kv_load_cpus="{prefill_core}"' in dep.sets
+    assert "decode.kv_load_cpus" in dep.describe()["pinning"]
+    off = Disaggregated(EngineSettings(), tmp_path, load_on_prefill_cores=False, sets=("router.x=1",))
+    assert off.sets == ("router.x=1",) and off.load_cpus == ""
 
 
 def test_engine_settings_same_on_both_sides() -> None:

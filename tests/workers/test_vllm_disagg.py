@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import random
 import time
 
@@ -108,7 +109,9 @@ async def baseline(engine_cfg: EngineConfig) -> dict[str, tuple[list[int], str]]
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engines(baseline, engine_cfg: EngineConfig):
     prefill = VllmPrefillEngine(engine_cfg, PrefillConfig(export_mb=64, lease_s=30.0))
-    decode = VllmDecodeEngine(engine_cfg, DecodeConfig(transfer_timeout_s=10.0))
+    # the loader threads bound to a core of their own (decode.kv_load_cpus): every test below runs that path
+    load_cpu = str(max(os.sched_getaffinity(0)))
+    decode = VllmDecodeEngine(engine_cfg, DecodeConfig(transfer_timeout_s=10.0, kv_load_cpus=load_cpu))
     try:
         await prefill.start()
         await decode.start()

@@ -3,8 +3,9 @@
 Runs where vLLM's model runner runs (the EngineCore process with
 ``VLLM_ENABLE_V1_MULTIPROCESSING=0``). Per engine step:
 
-- ``start_load``: each new import is submitted to a thread pool (``load_workers`` threads; the
-  queue holds at most one load per request vLLM keeps waiting for remote KV).
+- ``start_load``: each new import is submitted to a thread pool (``load_workers`` threads, on the
+  cores ``load_cpus`` names when set; the queue holds at most one load per request vLLM keeps
+  waiting for remote KV).
 - ``save``: each export the scheduler half queued last step is copied now, synchronously,
   into the export region (tickets cleared, blocks copied, tickets set), so vLLM frees its
   blocks one step after the prefill finished.
@@ -17,7 +18,7 @@ Runs where vLLM's model runner runs (the EngineCore process with
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from kvrelay.transport.kv.copy import checksum, copy_blocks, zero_blocks
 from kvrelay.transport.kv.fetch import KVFetcher
 from kvrelay.transport.kv.metrics import encode_skipped
 from kvrelay.transport.kv.region import ExportRegion
+from kvrelay.workers import cpus
 from kvrelay.workers.vllm_engine.layout import block_target
 from kvrelay.workers.vllm_engine.notify import NotifySender
 from kvrelay.workers.vllm_engine.params import ConnectorConfig, Notice, failed
@@ -82,7 +84,9 @@ class ConnectorWorker:
         region_dir = Path(cfg.region_dir) if cfg.region_dir else None
         self._region_dir = region_dir
         self._fetcher = KVFetcher.build(cfg.backends, region_dir=region_dir, max_regions=cfg.max_regions)
-        self._pool = ThreadPoolExecutor(max_workers=cfg.load_workers, thread_name_prefix="kvrelay-load")
+        # bound to ``load_cpus`` (when set) as each thread starts: see workers/cpus.py
+        load_cpus = cpus.parse_cpu_list(cfg.load_cpus, "load_cpus")
+        self._pool = cpus.pool(cfg.load_workers, "kvrelay-load", load_cpus)
         self._target: BlockTarget | None = None
         self._region: ExportRegion | None = None
         self._loads: dict[str, Future[_Loaded]] = {}

@@ -70,7 +70,7 @@ class VllmDecodeEngine(KvEventsMixin):
         self.debug_zero_kv = decode.debug_zero_kv
         backends = readable_backends(list(decode.backends))
         conn = ConnectorConfig(notify_path="", transfer_timeout_s=decode.transfer_timeout_s,
-                               backends=list(backends))
+                               backends=list(backends), load_cpus=decode.kv_load_cpus)
         self._rt = VllmRuntime(engine, conn, self._on_notice)
         self.info = EngineInfo(
             model=engine.served_model_name or engine.model,

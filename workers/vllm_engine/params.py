@@ -36,6 +36,7 @@ class ConnectorConfig(Struct):
     transfer_timeout_s: float = limit(30.0, min=0.01, max=600.0)
     # threads loading KV; loads beyond them queue (at most one per request vLLM holds)
     load_workers: int = limit(2, min=1, max=16)
+    load_cpus: str = limit("", max_len=256)  # cores the load threads run on ("" = the engine's)
     max_regions: int = limit(8, min=1, max=256)  # exporters' regions kept mapped at once
     # the transfer backends this engine reads with, best first (transport.kv.fetch negotiates)
     backends: list[str] = limit(["shm", "tcp"], max_len=8)
