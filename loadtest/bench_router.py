@@ -246,7 +246,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "bench": "router", "workers": a.workers, "blocks_indexed": len(index),
         "entries": index.stats()["entries"], "block_size": a.block_size, "query_blocks": a.query_blocks,
         "queries": a.queries, "events_per_s": round(stored_blocks / t_ours),
-        "event_blocks": stored_blocks, "event_batches": len(batches), "index_mb": round(index.nbytes() / 2**20, 1), "index_impl": index.impl,
+        "event_blocks": stored_blocks, "event_batches": len(batches),
+        "index_mb": round(index.nbytes() / 2**20, 1), "index_impl": index.impl,
         "rss_delta_mb": round(_rss_mb() - rss0, 1), "index_max_blocks": index.max_blocks,
     }
     if tree is not None:

@@ -245,7 +245,8 @@ class Disaggregated(Deployment):
         # stand-in for a GPU's copy engine, so an import never stretches a decode step
         self.load_cpus = ",".join(sorted(set(self.cores[:prefill]))) if load_on_prefill_cores else ""
         loads = (f'decode.kv_load_cpus="{self.load_cpus}"',) if self.load_cpus else ()
-        self.sets = (*loads, *sets)  # more ``--set key=value`` for kvrelay up (after the ones above: they win)
+        # more ``--set key=value`` for kvrelay up (after the ones above: they win)
+        self.sets = (*loads, *sets)
         self.policy_seen = ""
 
     async def start(self) -> str:

@@ -343,7 +343,8 @@ class HolderMap:
             assert n == sum(1 for m in self.holders.values() if m >> s & 1), f"slot {s} count"
         for p, c in self.kid.items():
             for child in (c, *self.kids.get(p, ())):
-                assert self.up[child] == p and p in self.holders and child in self.holders, f"link {p}->{child}"
+                assert self.up[child] == p, f"link {p}->{child}"
+                assert p in self.holders and child in self.holders, f"link {p}->{child} to a gone hash"
                 m = self.holders[child]
                 assert not m & ~self.holders[p] & ~self.unlinked, f"hole under {p}"
         assert len(self.up) == len(self.kid) + sum(map(len, self.kids.values())), "links"

@@ -64,7 +64,8 @@ def kv_routing(cfg: Any) -> tuple[Policy, Callable[[Sequence[int], str], list[in
         log.info("kv_index", impl=index.impl, max_blocks=index.max_blocks)
     else:
         log.warning("kv_index", impl=index.impl, max_blocks=index.max_blocks,
-                    hint="the C storage (kvrelay.router._holders) is not built: reinstall kvrelay with a C compiler")
+                    hint="the C storage (kvrelay.router._holders) is not built: "
+                         "reinstall kvrelay with a C compiler")
     policy = make_policy("kv_aware", index=index, block_size=spec.block_size, w_prefill=rc.kv_w_prefill,
                          w_queue=rc.kv_w_queue, w_decode=rc.kv_w_decode, temperature=rc.kv_temperature,
                          max_fallbacks=rc.kv_max_fallbacks, local_threshold_tokens=rc.kv_local_threshold_tokens)

@@ -43,8 +43,10 @@ typedef struct {
     uint64_t *usable, *unlinked; /* W words each */
     uint64_t *held;       /* per slot: distinct hashes held */
     uint32_t nslots;      /* slots with a held counter */
-    uint64_t *scratch;    /* match temporaries */
+    uint64_t *scratch;    /* match temporaries: 3 * W words */
     size_t scratch_words;
+    uint64_t *rstack;     /* resolve's pending (lo, hi, mask) entries, grown on demand */
+    size_t rstack_words;
     uint32_t *stack;      /* cascade / resolve stack */
     size_t stack_cap;
     uint64_t orphan_blocks, evictions, unknown_removes, cascaded_blocks;

@@ -2,9 +2,9 @@
 #include "holders.h"
 
 /* ---------------------------------------------------------------- Python methods: match */
-/* Scratch words: zero, active, tmp (W each), then resolve's stack: (lo, hi, mask) entries. */
+/* Scratch words: zero, active, tmp (W each). */
 static int ensure_scratch(Table *t) {
-    size_t W = t->W, need = 3 * W + (64 * W + 1) * (W + 2);
+    size_t W = t->W, need = 3 * W;
     if (t->scratch_words >= need)
         return 0;
     uint64_t *s = PyMem_Realloc(t->scratch, need * 8);
@@ -79,10 +79,28 @@ fail:
     return NULL;
 }
 
+/* resolve's stack of (lo, hi, mask) entries: room for one more, grown by doubling (a query
+ * rarely needs more than a few; at most min(blocks, workers) in the worst case). */
+static uint64_t *rstack_entry(Table *t, size_t sp, size_t ent) {
+    if ((sp + 1) * ent > t->rstack_words) {
+        size_t words = t->rstack_words ? t->rstack_words * 2 : 16 * ent;
+        while (words < (sp + 1) * ent)
+            words *= 2;
+        uint64_t *s = PyMem_Realloc(t->rstack, words * 8);
+        if (s == NULL) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        t->rstack = s;
+        t->rstack_words = words;
+    }
+    return t->rstack + sp * ent;
+}
+
 /* Binary-search resolution (index_match.resolve), given a = first & usable, non-zero. */
 static PyObject *resolve(Table *t, PyObject **items, Py_ssize_t n, uint64_t *a) {
     uint32_t W = t->W;
-    uint64_t *deeper = t->scratch + 2 * W, *stack = t->scratch + 3 * W;
+    uint64_t *deeper = t->scratch + 2 * W;
     size_t sp = 0, ent = W + 2;
     Py_ssize_t lo = 1, hi = n;
     PyObject *out = PyList_New(0);
@@ -105,7 +123,9 @@ static PyObject *resolve(Table *t, PyObject **items, Py_ssize_t n, uint64_t *a) 
                 continue;
             }
             if (!same) {  /* the workers that stop below mid: resolved later, shallower */
-                uint64_t *e = stack + sp++ * ent;
+                uint64_t *e = rstack_entry(t, sp++, ent);
+                if (e == NULL)
+                    goto fail;
                 e[0] = (uint64_t)lo, e[1] = (uint64_t)(mid - 1);
                 for (uint32_t w = 0; w < W; w++)
                     e[2 + w] = a[w] ^ deeper[w];
@@ -117,7 +137,7 @@ static PyObject *resolve(Table *t, PyObject **items, Py_ssize_t n, uint64_t *a) 
             goto fail;
         if (!sp)
             return out;
-        uint64_t *e = stack + --sp * ent;
+        uint64_t *e = t->rstack + --sp * ent;
         lo = (Py_ssize_t)e[0], hi = (Py_ssize_t)e[1];
         memcpy(a, e + 2, (size_t)W * 8);
     }

@@ -227,7 +227,7 @@ static PyObject *T_counts(Table *t, PyObject *unused) {
 static PyObject *T_nbytes(Table *t, PyObject *unused) {
     size_t b = (t->table.mask + 1 + t->extra.mask + 1) * sizeof(Cell);
     b += (size_t)t->cap_nodes * (sizeof(Node) + 8 * t->W) + (size_t)t->nslots * 8;
-    b += t->scratch_words * 8 + t->stack_cap * 4;
+    b += (t->scratch_words + t->rstack_words) * 8 + t->stack_cap * 4;
     return PyLong_FromSize_t(b);
 }
 
@@ -322,6 +322,7 @@ static void T_dealloc(Table *t) {
     PyMem_Free(t->unlinked);
     PyMem_Free(t->held);
     PyMem_Free(t->scratch);
+    PyMem_Free(t->rstack);
     PyMem_Free(t->stack);
     Py_TYPE(t)->tp_free((PyObject *)t);
 }

@@ -75,7 +75,8 @@ def _op(m, rng: random.Random, tree: Tree, slots: list[int]) -> tuple:
 
 @pytest.mark.parametrize("seed", range(12))
 @pytest.mark.parametrize("slots", [[0, 1, 2, 3], [0, 5, 63, 64, 130]], ids=["one-word", "three-words"])
-def test_holders_native_equals_python_reference_through_random_operations(seed: int, slots: list[int]) -> None:
+def test_holders_native_equals_python_reference_through_random_operations(seed: int,
+                                                                          slots: list[int]) -> None:
     rng = random.Random(seed)
     tree = Tree(rng, roots=3, depth=12, chains=30)
     cap = rng.choice([16, 48, 1000])
@@ -138,3 +139,22 @@ def test_holders_native_memory_is_reported() -> None:
     before = t.nbytes()
     t.store(0, pack_hashes(range(1, 20_001)), None)
     assert t.nbytes() > before + 20_000 * 40  # nodes, masks, table cells
+
+
+def test_holders_native_many_workers_at_many_depths() -> None:
+    """300 workers (five mask words), each holding a different prefix of one 400-block chain:
+    300 records, the binary search's pending stack far deeper than usual."""
+    chain = [(1 << 50) + 97 * i for i in range(400)]
+    native, ref = HolderTable(10_000, 3), HolderMap(10_000)
+    rng = random.Random(5)
+    depths = rng.sample(range(1, 401), 300)
+    for m in (native, ref):
+        for slot in range(300):
+            m.add_slot(slot)
+        m.set_usable((1 << 300) - 1)
+        for slot, d in enumerate(depths):
+            m.store(slot, pack_hashes(chain[:d]), None)
+    records = native.match(chain)
+    assert records == ref.match(chain) == ref.match_linear(chain) == native.match_linear(chain)
+    assert len(records) == 300 and [d for _, d in records] == sorted(depths, reverse=True)
+    native.check()
