@@ -255,6 +255,7 @@ class DecodeService:
             m.DECODE_TIME_TO_KV.observe(time.monotonic() - act.pulled_at)
             if delta is not None and delta.kv_recomputed:
                 m.DECODE_KV_RECOMPUTED.inc()
+            self._fold_kv_bytes()  # the import is done: count its bytes now, not at the next heartbeat
             act.settled = True
             await settle(act.msg, "ack")
             await self._release(act, "loaded")
@@ -364,11 +365,16 @@ class DecodeService:
             act.cancelled = True
             await self._abort(cancel.request_id)
 
-    def info(self) -> WorkerInfo:
+    def _fold_kv_bytes(self) -> Any:
+        """Add the engine's KV bytes moved since the last fold to the metric; returns the stats."""
         stats = self.engine.stats()
         if stats.kv_bytes_moved > self._kv_bytes_seen:
             m.KV_BYTES_MOVED.inc(stats.kv_bytes_moved - self._kv_bytes_seen)
             self._kv_bytes_seen = stats.kv_bytes_moved
+        return stats
+
+    def info(self) -> WorkerInfo:
+        stats = self._fold_kv_bytes()
         i = self.engine.info
         return WorkerInfo(
             worker_id=self.id, role="decode", model=i.model, host=socket.gethostname(), pid=os.getpid(),

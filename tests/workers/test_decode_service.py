@@ -77,6 +77,32 @@ async def test_decode_full_flow_streams_tokens_and_releases_lease_once(bus, bus_
         await prefill.close()
 
 
+async def test_decode_counts_kv_bytes_when_the_import_is_in_not_at_a_heartbeat(bus, bus_config,
+                                                                              namespace) -> None:
+    """``kvrelay_kv_bytes_moved_total`` includes a request's transfer once its tokens flow; the
+    decode worker's heartbeats (2.5 s apart here) are not what brings it up to date."""
+    from prometheus_client import REGISTRY
+
+    def moved() -> float:
+        return REGISTRY.get_sample_value("kvrelay_kv_bytes_moved_total") or 0.0
+
+    pengine, dengine = FakePrefillEngine(), FakeDecodeEngine()
+    prefill = Service(prefill_worker.serve, config(bus_config), pengine)
+    await worker_record(bus, "p1")
+    svc = Service(decode_worker.serve, config(bus_config, heartbeat_s=2.5), dengine)
+    await worker_record(bus, "d1")
+    try:
+        before = moved()
+        t = task("kvb1", [3, 1, 4, 1, 5, 9, 2, 6], max_tokens=3, ns=namespace)
+        chunks = await Collector.open(bus, t.stream_subject, TokenChunk)
+        assert (await bus.request(bus.subjects.prefill("p1"), t, DispatchReply)).accepted
+        await chunks.until_final()
+        assert moved() - before == 8 * 64  # the fake engine moves 64 bytes a prompt token
+    finally:
+        await svc.close()
+        await prefill.close()
+
+
 async def test_decode_pulls_no_more_than_max_slots(bus, bus_config, namespace) -> None:
     engine = FakeDecodeEngine()
     engine.import_gate = asyncio.Event()
