@@ -18,101 +18,85 @@ static Py_ssize_t packed_len(Py_buffer *b) {
 }
 
 /* ---------------------------------------------------------------- Python methods: changes */
-/* Reference every hash of b for slot, deepest first (the root ends most recent); ids -> stack. */
-static PyObject *T_store(Table *t, PyObject *args) {
-    unsigned int slot;
-    Py_buffer b;
-    PyObject *parent;
+/* The chain in b stored by slot under parent (None: from the root): n, 0 for an orphan, -1. */
+static Py_ssize_t do_store(Table *t, unsigned int slot, Py_buffer *b, Py_ssize_t n, PyObject *parent) {
     uint32_t p = NIL;
-    Py_ssize_t n;
-    if (!PyArg_ParseTuple(args, "Iy*O:store", &slot, &b, &parent))
-        return NULL;
-    if (check_slot(t, slot) < 0 || (n = packed_len(&b)) < 0)
-        goto fail;
     make_room(t, (uint64_t)n);
     if (parent != Py_None) {
         uint64_t ph = PyLong_AsUnsignedLongLong(parent);
         if (ph == (uint64_t)-1 && PyErr_Occurred())
-            goto fail;
+            return -1;
         p = map_get(&t->table, ph);
         if (!p || !has_bit(MASK(t, p), slot)) {
             t->orphan_blocks += (uint64_t)n;
-            PyBuffer_Release(&b);
-            return PyLong_FromLong(0);
+            return 0;
         }
     }
-    if (set_refs(t, slot, &b, n) < 0)
-        goto fail;
+    if (set_refs(t, slot, b, n) < 0)
+        return -1;
     for (Py_ssize_t i = 0; i < n; i++) {  /* links: a hash has one parent; keep the first */
         uint32_t c = t->stack[i], up = i ? t->stack[i - 1] : p;
         if (up && up != c && !t->nodes[c].parent)
             link_child(t, up, c);
     }
-    PyBuffer_Release(&b);
-    return PyLong_FromSsize_t(n);
-fail:
-    PyBuffer_Release(&b);
-    return NULL;
+    return n;
 }
 
-static PyObject *T_store_unlinked(Table *t, PyObject *args) {
-    unsigned int slot;
-    Py_buffer b;
-    Py_ssize_t n;
-    if (!PyArg_ParseTuple(args, "Iy*:store_unlinked", &slot, &b))
-        return NULL;
-    if (check_slot(t, slot) < 0 || (n = packed_len(&b)) < 0)
-        goto fail;
+/* Snapshot entries (no chain, no links): n or -1. */
+static Py_ssize_t do_store_unlinked(Table *t, unsigned int slot, Py_buffer *b, Py_ssize_t n, PyObject *unused) {
     make_room(t, (uint64_t)n);
     if (n) {
         t->unlinked[slot >> 6] |= 1ULL << (slot & 63);
-        if (set_refs(t, slot, &b, n) < 0)
-            goto fail;
+        if (set_refs(t, slot, b, n) < 0)
+            return -1;
     }
-    PyBuffer_Release(&b);
-    return PyLong_FromSsize_t(n);
-fail:
-    PyBuffer_Release(&b);
-    return NULL;
+    return n;
 }
 
-/* slot lost node n: clear it there and on the linked descendants it holds. */
-static PyObject *T_remove(Table *t, PyObject *args) {
-    unsigned int slot;
-    Py_buffer b;
-    Py_ssize_t n;
-    if (!PyArg_ParseTuple(args, "Iy*:remove", &slot, &b))
-        return NULL;
-    if (check_slot(t, slot) < 0 || (n = packed_len(&b)) < 0)
-        goto fail;
+/* One reference of each hash in b dropped by slot (the last one cascades): n or -1. */
+static Py_ssize_t do_remove(Table *t, unsigned int slot, Py_buffer *b, Py_ssize_t n, PyObject *unused) {
     for (Py_ssize_t i = 0; i < n; i++) {
-        uint32_t id = map_get(&t->table, hash_at(&b, i));
+        uint32_t id = map_get(&t->table, hash_at(b, i));
         if (!id || !has_bit(MASK(t, id), slot)) {
             t->unknown_removes++;  /* evicted by the cap, never seen, or cascaded */
             continue;
         }
-        if (t->nodes[id].nextra) {
-            uint64_t k = xkey(id, slot);
-            uint32_t r = map_get(&t->extra, k);
-            if (r > 1) {
-                t->extra.cells[map_slot(&t->extra, k)].val = r - 1;
-                continue;
-            }
-            if (r == 1) {
-                map_del(&t->extra, k);
-                t->nodes[id].nextra--;
-                continue;
-            }
+        uint32_t r = t->nodes[id].nextra ? map_get(&t->extra, xkey(id, slot)) : 0;
+        if (r > 1) {
+            t->extra.cells[map_slot(&t->extra, xkey(id, slot))].val = r - 1;
+        } else if (r == 1) {
+            map_del(&t->extra, xkey(id, slot));
+            t->nodes[id].nextra--;
+        } else if (cascade(t, id, slot) < 0) {
+            return -1;
         }
-        if (cascade(t, id, slot) < 0)
-            goto fail;
     }
-    PyBuffer_Release(&b);
-    return PyLong_FromSsize_t(n);
-fail:
-    PyBuffer_Release(&b);
-    return NULL;
+    return n;
 }
+
+typedef Py_ssize_t (*PackedOp)(Table *, unsigned int, Py_buffer *, Py_ssize_t, PyObject *);
+
+/* Parse (slot, packed hashes[, extra]), check them, run op, release the buffer. */
+static PyObject *packed_call(Table *t, PyObject *args, const char *fmt, PackedOp op) {
+    unsigned int slot;
+    Py_buffer b;
+    PyObject *extra = NULL;
+    Py_ssize_t n, r = -1;
+    if (!PyArg_ParseTuple(args, fmt, &slot, &b, &extra))
+        return NULL;
+    if (check_slot(t, slot) == 0 && (n = packed_len(&b)) >= 0)
+        r = op(t, slot, &b, n, extra);
+    PyBuffer_Release(&b);
+    return r < 0 ? NULL : PyLong_FromSsize_t(r);
+}
+
+static PyObject *T_store(Table *t, PyObject *args) { return packed_call(t, args, "Iy*O:store", do_store); }
+
+static PyObject *T_store_unlinked(Table *t, PyObject *args) {
+    return packed_call(t, args, "Iy*:store_unlinked", do_store_unlinked);
+}
+
+static PyObject *T_remove(Table *t, PyObject *args) { return packed_call(t, args, "Iy*:remove", do_remove); }
 
 static PyObject *T_sweep(Table *t, PyObject *arg) {
     unsigned long slot = PyLong_AsUnsignedLong(arg);

@@ -18,6 +18,7 @@ import pytest
 
 from kvrelay import models
 from kvrelay.config import Config
+from kvrelay.router import index as index_mod
 from kvrelay.router.app import Router
 from kvrelay.router.config import RouterConfig
 from kvrelay.router.tokenizer import RouterTokenizer
@@ -30,6 +31,16 @@ from kvrelay.transport.discovery import Announcer
 Mode = Literal["ok", "reject", "invalid", "silent", "hold", "stall", "error", "first_then_stall", "first_then_error",
                "shuffle"]
 WAIT_S = 30.0  # a deadline for conditions, generous for a loaded 2-core CI machine
+
+
+@pytest.fixture(params=["native", "python"])
+def index_impl(request, monkeypatch) -> str:
+    """The prefix index's storage: the C one (HolderTable) and the pure-Python one (HolderMap).
+    A module that uses it (``pytestmark = pytest.mark.usefixtures("index_impl")``) runs on both."""
+    if request.param == "native":
+        assert index_mod.NATIVE, "kvrelay.router._holders is not built (no C compiler?)"
+    monkeypatch.setattr(index_mod, "NATIVE", request.param == "native")
+    return request.param
 
 
 def token_text(i: int) -> str:

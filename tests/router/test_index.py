@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from kvrelay.router import index as index_mod
 from kvrelay.router.index import IndexFull, PrefixIndex
 from kvrelay.schemas.hashing import HashSpec, HashSpecMismatch
 from kvrelay.schemas.kv_events import KvEvent, KvEventBatch
@@ -13,13 +12,7 @@ SPEC = HashSpec(4).fingerprint
 OTHER = HashSpec(8).fingerprint
 
 
-@pytest.fixture(autouse=True, params=["native", "python"])
-def impl(request, monkeypatch) -> str:
-    """Every test runs on the C storage (HolderTable) and on the pure-Python one (HolderMap)."""
-    if request.param == "native":
-        assert index_mod.NATIVE, "kvrelay.router._holders is not built (no C compiler?)"
-    monkeypatch.setattr(index_mod, "NATIVE", request.param == "native")
-    return request.param
+pytestmark = pytest.mark.usefixtures("index_impl")  # each test on the C storage and on the Python one
 
 
 class Worker:

@@ -6,7 +6,6 @@ import random
 
 import pytest
 
-from kvrelay.router import index as index_mod
 from kvrelay.router.index import PrefixIndex
 from kvrelay.router.index_match import resolve, walk
 from kvrelay.schemas.hashing import HashSpec
@@ -15,13 +14,7 @@ from kvrelay.schemas.kv_events import KvEvent, KvEventBatch
 SPEC = HashSpec(4).fingerprint
 
 
-@pytest.fixture(autouse=True, params=["native", "python"])
-def impl(request, monkeypatch) -> str:
-    """Every test runs on the C storage (HolderTable) and on the pure-Python one (HolderMap)."""
-    if request.param == "native":
-        assert index_mod.NATIVE, "kvrelay.router._holders is not built (no C compiler?)"
-    monkeypatch.setattr(index_mod, "NATIVE", request.param == "native")
-    return request.param
+pytestmark = pytest.mark.usefixtures("index_impl")  # each test on the C storage and on the Python one
 
 
 class Worker:
