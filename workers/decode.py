@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import time
@@ -36,15 +37,23 @@ from kvrelay.transport.errors import TransportError
 from kvrelay.transport.subjects import check_subject, check_token
 from kvrelay.workers import metrics as m
 from kvrelay.workers.engine import DecodeEngine, TokenDelta
-from kvrelay.workers.errors import EngineDead, EngineError
+from kvrelay.workers.errors import EngineError
 from kvrelay.workers.local_prefill import LocalPrefills
 from kvrelay.workers.metrics import MetricsServer
-from kvrelay.workers.pull import (AFFINITY_INACTIVE_S, FETCH_ERRORS, DecodeSlots, affinity_durable,
-                                  consumer_config, pull_consumer, settle)
+from kvrelay.workers.pull import (
+    AFFINITY_INACTIVE_S,
+    FETCH_ERRORS,
+    DecodeSlots,
+    affinity_durable,
+    consumer_config,
+    pull_consumer,
+    settle,
+)
 from kvrelay.workers.service import (
     RecentIds,
     TaskOwner,
     emit,
+    engine_failed,
     error_chunk,
     heartbeat,
     now_ms,
@@ -234,15 +243,8 @@ class DecodeService:
                 outcome = await self._stopped(act)
                 raise
             except Exception as exc:  # noqa: BLE001 - an engine failure ends this request only
-                if act.cancelled:
-                    outcome = "cancelled"
-                    await self._end_error(act, "cancelled", "request cancelled", 499, "abort")
-                else:
-                    outcome = "engine_error"
-                    log.exception("decode_failed")
-                    await self._end_error(act, "engine", f"decode failed: {exc!r}", 500)
-                    if isinstance(exc, EngineDead):
-                        self.dead.set()
+                end = functools.partial(self._end_error, act)
+                outcome = await engine_failed(exc, act.cancelled, "decode", end, self.dead)
             finally:
                 await self._finish(act, outcome)
 

@@ -23,6 +23,7 @@ finish: stop, length, cancelled, timeout, engine_error, draining) and
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -37,8 +38,8 @@ from kvrelay.transport.errors import TransportError
 from kvrelay.transport.subjects import check_subject, check_token
 from kvrelay.workers import metrics as m
 from kvrelay.workers.engine import TokenDelta
-from kvrelay.workers.errors import EngineDead, EngineError
-from kvrelay.workers.service import emit, error_chunk, now_ms, remaining_s, token_chunk
+from kvrelay.workers.errors import EngineError
+from kvrelay.workers.service import emit, engine_failed, error_chunk, now_ms, remaining_s, token_chunk
 
 if TYPE_CHECKING:
     from kvrelay.workers.decode import DecodeService
@@ -134,15 +135,8 @@ class LocalPrefills:
                 await self._end_error(act, "draining", "decode worker shut down", 503)
                 raise
             except Exception as exc:  # noqa: BLE001 - an engine failure ends this request only
-                if act.cancelled:
-                    outcome = "cancelled"
-                    await self._end_error(act, "cancelled", "request cancelled", 499, "abort")
-                else:
-                    outcome = "engine_error"
-                    log.exception("local_prefill_failed")
-                    await self._end_error(act, "engine", f"local prefill failed: {exc!r}", 500)
-                    if isinstance(exc, EngineDead):
-                        svc.dead.set()
+                end = functools.partial(self._end_error, act)
+                outcome = await engine_failed(exc, act.cancelled, "local prefill", end, svc.dead)
             finally:
                 svc.active.pop(rid, None)
                 svc.slots.give_local()

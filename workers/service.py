@@ -10,7 +10,7 @@ import re
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from kvrelay.logs import get_logger
@@ -185,3 +185,18 @@ async def run_worker(role: str, cfg: Any, wid: str, engine: Any, service: Any, s
             await engine.stop()
     finally:
         await bus.close()
+
+
+async def engine_failed(exc: BaseException, cancelled: bool, what: str,
+                        end_error: Callable[..., Awaitable[None]], dead: asyncio.Event) -> str:
+    """An engine exception ended one request (call it from the ``except`` block): end its stream
+    with a typed error (``cancelled`` when the client had cancelled it) and, when the engine itself
+    died, set ``dead`` so the worker stops. Returns the request's outcome label."""
+    if cancelled:
+        await end_error("cancelled", "request cancelled", 499, "abort")
+        return "cancelled"
+    log.exception(f"{what.replace(' ', '_')}_failed")
+    await end_error("engine", f"{what} failed: {exc!r}", 500)
+    if isinstance(exc, EngineDead):
+        dead.set()
+    return "engine_error"
