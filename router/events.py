@@ -182,6 +182,8 @@ class KvIndexCollector:
         "pending_dropped": "Batches dropped while a worker was stale",
         "orphan_blocks": "Stored blocks skipped: their parent block is not held by that worker",
         "cascaded_blocks": "Blocks cleared below a block their worker removed",
+        "bad_chains": "Stored events refused: a hash repeated in one chain (a broken or hostile worker)",
+        "refused_links": "Parent links refused: they would have closed a cycle (contradicting chains)",
     }
 
     def __init__(self, index: PrefixIndex, subscriber: KvEventsSubscriber | None = None) -> None:

@@ -29,6 +29,10 @@ Links: a chain store links each of its hashes to the one before it (the first to
 unless that hash is linked already (a chained hash has one parent; the first link stays).
 Links join indexed hashes only: a hash that leaves the map leaves its links with it (``up``
 maps child -> parent for that), so "has an indexed child" is just "has a link down".
+A broken or hostile worker cannot make blocks eviction never removes: a chain that repeats a
+hash (its parent included) is refused whole (``bad_chains``), and a link that would close a
+cycle (contradicting chains) is refused (``refused_links``). A store first makes its parent the
+most recent and eviction skips it, so the cap never cuts off the block a chain continues from.
 
 Bounds: at most ``max_blocks`` hashes; past it the least recently used leaves are evicted
 ``max_blocks // 64`` at a time (amortised O(1)). Links: at most one up-link per indexed hash.
@@ -47,13 +51,17 @@ from kvrelay.router.index_match import resolve, walk
 from kvrelay.schemas.kv_events import unpack_hashes
 
 
+MAX_ANCESTRY = 65536  # longest parent chain walked to refuse a cycle (longer: refused too), as in C
+
+
 class HolderMap:
     """See module doc. Pure data structure; ``counters`` is shared with the owning index."""
 
     def __init__(self, max_blocks: int) -> None:
         self.max_blocks = max_blocks
         self.evict_chunk = max(1, max_blocks // 64)
-        self.counters = dict.fromkeys(("orphan_blocks", "evictions", "unknown_removes", "cascaded_blocks"), 0)
+        self.counters = dict.fromkeys(("orphan_blocks", "evictions", "unknown_removes", "cascaded_blocks",
+                                       "bad_chains", "refused_links"), 0)
         self.holders: dict[int, int] = {}
         self.extra: dict[int, int] = {}
         self.kid: dict[int, int] = {}  # parent -> a linked child
@@ -101,6 +109,8 @@ class HolderMap:
 
     def touch(self, hashes: Sequence[int], depth: int) -> None:
         """Make the first ``depth`` hashes the most recent, the root last."""
+        if depth <= 0:
+            return
         holders = self.holders
         pop = holders.pop
         for h in reversed(hashes[:depth]):
@@ -110,15 +120,26 @@ class HolderMap:
 
     # --- store ------------------------------------------------------------------------------------
     def store(self, slot: int, packed: bytes, parent: int | None) -> int:
-        """A worker stored the chain ``packed`` under ``parent`` (None: from the root)."""
+        """A worker stored the chain ``packed`` under ``parent`` (None: from the root).
+
+        Refused (0 stored): a chain that repeats a hash, the parent included (``bad_chains``:
+        chained hashes never repeat, so the worker is broken or hostile), and a chain under a
+        parent this worker does not hold (``orphan_blocks``). The parent is made the most recent
+        before room is made, so the cap never evicts the block a chain continues from."""
         hashes = unpack_hashes(packed)
+        distinct = set(hashes)
+        if len(distinct) != len(hashes) or parent in distinct:
+            self.counters["bad_chains"] += 1
+            return 0
         holders, bit = self.holders, 1 << slot
+        if parent is not None:
+            if not holders.get(parent, 0) & bit:
+                self.counters["orphan_blocks"] += len(hashes)
+                return 0
+            holders[parent] = holders.pop(parent)  # the most recent
         room = self.max_blocks - len(holders) - len(hashes)
         if room < 0:
-            self.evict(-room + self.evict_chunk - 1)
-        if parent is not None and not holders.get(parent, 0) & bit:
-            self.counters["orphan_blocks"] += len(hashes)
-            return 0
+            self.evict(-room + self.evict_chunk - 1, keep=parent)
         self._set(slot, bit, hashes)
         if parent is None:
             if len(hashes) > 1:
@@ -180,21 +201,45 @@ class HolderMap:
 
     def _link(self, parents: list[int], children: list[int]) -> None:
         """Link ``parent -> child`` for each pair whose child has no parent link yet (C-level
-        bulk ops; a parent with several children takes the rare, Python path)."""
-        up = self.up
+        bulk ops). A child that already has children of its own could be an ancestor of its new
+        parent (a broken or hostile worker's chains): those pairs take the checked, one-by-one
+        path, which refuses a link that would close a cycle (``refused_links``)."""
+        up, kid = self.up, self.kid
         free = list(map(not_, map(up.__contains__, children)))
         if not all(free) or any(map(eq, parents, children)):
             free = list(map(and_, free, map(ne, parents, children)))
             parents, children = list(compress(parents, free)), list(compress(children, free))
             if not children:
                 return
+        if any(map(kid.__contains__, children)):
+            for p, c in zip(parents, children):
+                if c in kid and self._is_ancestor(c, p):
+                    self.counters["refused_links"] += 1
+                else:
+                    self._link_one(p, c)
+            return
         up.update(zip(children, parents))
-        kid = self.kid
         got = list(map(kid.setdefault, parents, children))
         if got != children:
             kids = self.kids
             for p, c in compress(zip(parents, children), map(ne, got, children)):
                 kids.setdefault(p, set()).add(c)
+
+    def _link_one(self, p: int, c: int) -> None:
+        self.up[c] = p
+        if self.kid.setdefault(p, c) != c:
+            self.kids.setdefault(p, set()).add(c)
+
+    def _is_ancestor(self, c: int, x: int | None) -> bool:
+        """Whether ``c`` is ``x`` or one of its linked ancestors (past MAX_ANCESTRY steps: yes)."""
+        up = self.up
+        for _ in range(MAX_ANCESTRY):
+            if x is None:
+                return False
+            if x == c:
+                return True
+            x = up.get(x)
+        return True
 
     def _forget(self, h: int) -> None:
         """``h`` left the map: drop its link up and its links down."""
@@ -276,12 +321,13 @@ class HolderMap:
         self.counters["cascaded_blocks"] += n
 
     # --- eviction and sweeps ------------------------------------------------------------------------
-    def evict(self, n: int) -> None:
+    def evict(self, n: int, keep: int | None = None) -> None:
         """Drop the ``n`` least recently used *leaves* (hashes with no indexed child).
 
         An inner hash met among the oldest is moved to the recent end instead (its children
-        are newer: evicting it would orphan them), so eviction never leaves a hole. Each scan
-        looks at every hash at most once; a forest always has leaves, so it finds them.
+        are newer: evicting it would orphan them), so eviction never leaves a hole; so is
+        ``keep`` (the block a chain being stored continues from). Each scan looks at every hash
+        at most once, so the map can stay above its cap while nothing else is evictable.
         """
         holders = self.holders
         gone = scanned = 0
@@ -291,7 +337,7 @@ class HolderMap:
             scanned += len(batch)
             for h in batch:
                 m = holders.pop(h)
-                if h in self.kid:  # an inner hash: moved to the recent end
+                if h in self.kid or h == keep:  # inner (or kept): moved to the recent end
                     holders[h] = m
                     continue
                 self._forget(h)
@@ -338,15 +384,14 @@ class HolderMap:
         return size + (len(self.holders) + len(self.kid)) * 36
 
     def check(self) -> None:
-        """Invariants (tests): every worker's entries prefix-closed along the links, counts right."""
+        """Invariants (tests): counts right, links join indexed hashes both ways. (Prefix closure
+        holds for workers whose chains are consistent; the tests check it as match == linear walk.)"""
         for s, n in enumerate(self._held):
             assert n == sum(1 for m in self.holders.values() if m >> s & 1), f"slot {s} count"
         for p, c in self.kid.items():
             for child in (c, *self.kids.get(p, ())):
                 assert self.up[child] == p, f"link {p}->{child}"
                 assert p in self.holders and child in self.holders, f"link {p}->{child} to a gone hash"
-                m = self.holders[child]
-                assert not m & ~self.holders[p] & ~self.unlinked, f"hole under {p}"
         assert len(self.up) == len(self.kid) + sum(map(len, self.kids.values())), "links"
 
     def slot_hashes(self, slot: int) -> list[int]:

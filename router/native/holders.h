@@ -8,6 +8,8 @@
 
 #define NIL 0u
 #define MAX_SLOTS 65536
+#define MAX_NODES 0xFFFFFFF0u   /* node ids are uint32 (0 = NIL) */
+#define MAX_ANCESTRY 65536      /* longest parent chain walked to refuse a cycle (longer: refused too) */
 
 typedef struct {
     uint64_t key;
@@ -28,7 +30,8 @@ typedef struct {
     uint32_t parent, child;      /* linked parent, first linked child */
     uint32_t sprev, snext;       /* siblings under the same parent */
     uint32_t nextra;             /* extra-reference entries of this node */
-    uint32_t alive;
+    uint32_t alive : 1;
+    uint32_t stamp : 31;         /* the last store call that referenced it (first visit per call) */
 } Node;
 
 typedef struct {
@@ -49,7 +52,12 @@ typedef struct {
     size_t rstack_words;
     uint32_t *stack;      /* cascade / resolve stack */
     size_t stack_cap;
-    uint64_t orphan_blocks, evictions, unknown_removes, cascaded_blocks;
+    uint32_t call;        /* store calls, for Node.stamp (31 bits; stamps reset when it wraps) */
+    uint64_t *set_keys;   /* has_repeat's scratch set: keys, generations, capacity, generation */
+    uint32_t *set_gen;
+    size_t set_cap;
+    uint32_t set_round;
+    uint64_t orphan_blocks, evictions, unknown_removes, cascaded_blocks, bad_chains, refused_links;
 } Table;
 
 static inline uint64_t mix(uint64_t x, uint64_t seed) {
@@ -92,6 +100,14 @@ static inline int is_zero(const uint64_t *m, uint32_t W) {
     return 1;
 }
 
+/* Raise unless __init__ has run (its arrays exist): every method starts with it. */
+static inline int ready(Table *t) {
+    if (t->nodes != NULL)
+        return 1;
+    PyErr_SetString(PyExc_RuntimeError, "HolderTable.__init__ has not run");
+    return 0;
+}
+
 static inline uint64_t xkey(uint32_t n, uint32_t slot) { return ((uint64_t)n << 16) | slot; }
 
 static inline uint64_t hash_at(Py_buffer *b, Py_ssize_t i) {
@@ -123,10 +139,12 @@ int add_ref(Table *t, uint32_t n, uint32_t slot);
 void drop_extra(Table *t, uint32_t n, uint32_t slot);
 void drop_bit(Table *t, uint32_t n, uint32_t slot);
 void unhold(Table *t, uint32_t n);
-void evict(Table *t, uint64_t n);
-void make_room(Table *t, uint64_t n);
+void evict(Table *t, uint64_t n, uint32_t keep);
+void make_room(Table *t, uint64_t n, uint32_t keep);
 int set_refs(Table *t, unsigned int slot, Py_buffer *b, Py_ssize_t n);
 int cascade(Table *t, uint32_t n, unsigned int slot);
+int is_ancestor(Table *t, uint32_t c, uint32_t x);
+int has_repeat(Table *t, Py_buffer *b, Py_ssize_t n, int has_parent, uint64_t parent);
 PyObject *T_match(Table *t, PyObject *arg);
 PyObject *T_match_linear(Table *t, PyObject *arg);
 PyObject *T_touch(Table *t, PyObject *args);

@@ -147,6 +147,8 @@ fail:
 }
 
 static PyObject *match_impl(Table *t, PyObject *arg, int linear) {
+    if (!ready(t))
+        return NULL;
     PyObject *seq = PySequence_Fast(arg, "hashes must be a list or a tuple"), *out;
     if (seq == NULL || ensure_scratch(t) < 0) {
         Py_XDECREF(seq);
@@ -195,7 +197,7 @@ PyObject *T_match_linear(Table *t, PyObject *arg) { return match_impl(t, arg, 1)
 PyObject *T_touch(Table *t, PyObject *args) {
     PyObject *obj, *seq;
     Py_ssize_t depth;
-    if (!PyArg_ParseTuple(args, "On:touch", &obj, &depth))
+    if (!ready(t) || !PyArg_ParseTuple(args, "On:touch", &obj, &depth))
         return NULL;
     if ((seq = PySequence_Fast(obj, "hashes must be a list or a tuple")) == NULL)
         return NULL;

@@ -1,11 +1,16 @@
 /* kvrelay.router._holders: the HolderTable type (the design: holders_table.c). */
 #include "holders.h"
 
-static int check_slot(Table *t, unsigned int slot) {
-    if (slot >= t->nslots) {
-        PyErr_Format(PyExc_ValueError, "slot %u is not registered (add_slot first)", slot);
+/* A registered slot from a Python int; -1 with an exception for anything else. */
+static int get_slot(Table *t, PyObject *o, unsigned int *slot) {
+    unsigned long v = PyLong_AsUnsignedLong(o);
+    if (v == (unsigned long)-1 && PyErr_Occurred())
+        return -1;
+    if (v >= t->nslots) {
+        PyErr_Format(PyExc_ValueError, "slot %lu is not registered (add_slot first)", v);
         return -1;
     }
+    *slot = (unsigned int)v;
     return 0;
 }
 
@@ -18,33 +23,57 @@ static Py_ssize_t packed_len(Py_buffer *b) {
 }
 
 /* ---------------------------------------------------------------- Python methods: changes */
-/* The chain in b stored by slot under parent (None: from the root): n, 0 for an orphan, -1. */
+/* Link each hash to the one before it (the first to p) unless it is linked already, or the link
+ * would close a cycle (a hostile or broken worker's chains: counted in refused_links). */
+static void link_chain(Table *t, uint32_t p, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t c = t->stack[i], up = i ? t->stack[i - 1] : p;
+        if (!up || up == c || t->nodes[c].parent)
+            continue;
+        if (t->nodes[c].child && is_ancestor(t, c, up)) {
+            t->refused_links++;
+            continue;
+        }
+        link_child(t, up, c);
+    }
+}
+
+/* The chain in b stored by slot under parent (None: from the root): n, or 0 for a chain with a
+ * repeated hash (bad_chains) or under a parent slot does not hold (orphan_blocks); -1: error.
+ * The parent is made the most recent first, so making room never evicts it. */
 static Py_ssize_t do_store(Table *t, unsigned int slot, Py_buffer *b, Py_ssize_t n, PyObject *parent) {
     uint32_t p = NIL;
-    make_room(t, (uint64_t)n);
+    uint64_t ph = 0;
     if (parent != Py_None) {
-        uint64_t ph = PyLong_AsUnsignedLongLong(parent);
+        ph = PyLong_AsUnsignedLongLong(parent);
         if (ph == (uint64_t)-1 && PyErr_Occurred())
             return -1;
+    }
+    int rep = has_repeat(t, b, n, parent != Py_None, ph);
+    if (rep < 0)
+        return -1;
+    if (rep) {
+        t->bad_chains++;
+        return 0;
+    }
+    if (parent != Py_None) {
         p = map_get(&t->table, ph);
         if (!p || !has_bit(MASK(t, p), slot)) {
             t->orphan_blocks += (uint64_t)n;
             return 0;
         }
+        lru_touch(t, p);
     }
+    make_room(t, (uint64_t)n, p);  /* never evicts p: the ids below stay valid */
     if (set_refs(t, slot, b, n) < 0)
         return -1;
-    for (Py_ssize_t i = 0; i < n; i++) {  /* links: a hash has one parent; keep the first */
-        uint32_t c = t->stack[i], up = i ? t->stack[i - 1] : p;
-        if (up && up != c && !t->nodes[c].parent)
-            link_child(t, up, c);
-    }
+    link_chain(t, p, n);
     return n;
 }
 
 /* Snapshot entries (no chain, no links): n or -1. */
 static Py_ssize_t do_store_unlinked(Table *t, unsigned int slot, Py_buffer *b, Py_ssize_t n, PyObject *unused) {
-    make_room(t, (uint64_t)n);
+    make_room(t, (uint64_t)n, NIL);
     if (n) {
         t->unlinked[slot >> 6] |= 1ULL << (slot & 63);
         if (set_refs(t, slot, b, n) < 0)
@@ -80,27 +109,27 @@ typedef Py_ssize_t (*PackedOp)(Table *, unsigned int, Py_buffer *, Py_ssize_t, P
 static PyObject *packed_call(Table *t, PyObject *args, const char *fmt, PackedOp op) {
     unsigned int slot;
     Py_buffer b;
-    PyObject *extra = NULL;
+    PyObject *slot_obj, *extra = NULL;
     Py_ssize_t n, r = -1;
-    if (!PyArg_ParseTuple(args, fmt, &slot, &b, &extra))
+    if (!ready(t) || !PyArg_ParseTuple(args, fmt, &slot_obj, &b, &extra))
         return NULL;
-    if (check_slot(t, slot) == 0 && (n = packed_len(&b)) >= 0)
+    if (get_slot(t, slot_obj, &slot) == 0 && (n = packed_len(&b)) >= 0)
         r = op(t, slot, &b, n, extra);
     PyBuffer_Release(&b);
     return r < 0 ? NULL : PyLong_FromSsize_t(r);
 }
 
-static PyObject *T_store(Table *t, PyObject *args) { return packed_call(t, args, "Iy*O:store", do_store); }
+static PyObject *T_store(Table *t, PyObject *args) { return packed_call(t, args, "Oy*O:store", do_store); }
 
 static PyObject *T_store_unlinked(Table *t, PyObject *args) {
-    return packed_call(t, args, "Iy*:store_unlinked", do_store_unlinked);
+    return packed_call(t, args, "Oy*:store_unlinked", do_store_unlinked);
 }
 
-static PyObject *T_remove(Table *t, PyObject *args) { return packed_call(t, args, "Iy*:remove", do_remove); }
+static PyObject *T_remove(Table *t, PyObject *args) { return packed_call(t, args, "Oy*:remove", do_remove); }
 
 static PyObject *T_sweep(Table *t, PyObject *arg) {
-    unsigned long slot = PyLong_AsUnsignedLong(arg);
-    if ((slot == (unsigned long)-1 && PyErr_Occurred()) || check_slot(t, (unsigned int)slot) < 0)
+    unsigned int slot;
+    if (!ready(t) || get_slot(t, arg, &slot) < 0)
         return NULL;
     size_t sp = 0;  /* the slot's extra references first: collect their nodes, then drop */
     for (uint64_t i = 0; i <= t->extra.mask; i++) {
@@ -125,15 +154,19 @@ static PyObject *T_sweep(Table *t, PyObject *arg) {
 }
 
 static PyObject *T_evict(Table *t, PyObject *arg) {
+    if (!ready(t))
+        return NULL;
     Py_ssize_t n = PyLong_AsSsize_t(arg);
     if (n == -1 && PyErr_Occurred())
         return NULL;
     if (n > 0)
-        evict(t, (uint64_t)n);
+        evict(t, (uint64_t)n, NIL);
     Py_RETURN_NONE;
 }
 
 static PyObject *T_add_slot(Table *t, PyObject *arg) {
+    if (!ready(t))
+        return NULL;
     unsigned long slot = PyLong_AsUnsignedLong(arg);
     if (slot == (unsigned long)-1 && PyErr_Occurred())
         return NULL;
@@ -154,13 +187,15 @@ static PyObject *T_add_slot(Table *t, PyObject *arg) {
 }
 
 static PyObject *T_set_usable(Table *t, PyObject *arg) {
-    if (long_to_mask(arg, t->usable, t->W) < 0)
+    if (!ready(t) || long_to_mask(arg, t->usable, t->W) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
 
 /* ---------------------------------------------------------------- Python methods: state */
 static PyObject *T_get(Table *t, PyObject *arg) {
+    if (!ready(t))
+        return NULL;
     uint64_t h = PyLong_AsUnsignedLongLong(arg);
     if (h == (uint64_t)-1 && PyErr_Occurred())
         return NULL;
@@ -169,6 +204,8 @@ static PyObject *T_get(Table *t, PyObject *arg) {
 }
 
 static PyObject *T_held(Table *t, PyObject *arg) {
+    if (!ready(t))
+        return NULL;
     unsigned long slot = PyLong_AsUnsignedLong(arg);
     if (slot == (unsigned long)-1 && PyErr_Occurred())
         return NULL;
@@ -176,8 +213,8 @@ static PyObject *T_held(Table *t, PyObject *arg) {
 }
 
 static PyObject *T_slot_hashes(Table *t, PyObject *arg) {
-    unsigned long slot = PyLong_AsUnsignedLong(arg);
-    if ((slot == (unsigned long)-1 && PyErr_Occurred()) || check_slot(t, (unsigned int)slot) < 0)
+    unsigned int slot;
+    if (!ready(t) || get_slot(t, arg, &slot) < 0)
         return NULL;
     PyObject *out = PyList_New(0);
     for (uint32_t n = t->lru_head; out && n; n = t->nodes[n].next) {
@@ -204,20 +241,23 @@ static PyObject *T_slot_hashes(Table *t, PyObject *arg) {
 }
 
 static PyObject *T_counts(Table *t, PyObject *unused) {
-    return Py_BuildValue("{sKsKsKsK}", "orphan_blocks", t->orphan_blocks, "evictions", t->evictions,
-                         "unknown_removes", t->unknown_removes, "cascaded_blocks", t->cascaded_blocks);
+    return Py_BuildValue("{sKsKsKsKsKsK}", "orphan_blocks", t->orphan_blocks, "evictions", t->evictions,
+                         "unknown_removes", t->unknown_removes, "cascaded_blocks", t->cascaded_blocks,
+                         "bad_chains", t->bad_chains, "refused_links", t->refused_links);
 }
 
 static PyObject *T_nbytes(Table *t, PyObject *unused) {
     size_t b = (t->table.mask + 1 + t->extra.mask + 1) * sizeof(Cell);
     b += (size_t)t->cap_nodes * (sizeof(Node) + 8 * t->W) + (size_t)t->nslots * 8;
-    b += (t->scratch_words + t->rstack_words) * 8 + t->stack_cap * 4;
+    b += (t->scratch_words + t->rstack_words) * 8 + t->stack_cap * 4 + t->set_cap * 12;
     return PyLong_FromSize_t(b);
 }
 
-static PyObject *T_unlinked(Table *t, void *closure) { return mask_to_long(t->unlinked, t->W); }
+static PyObject *T_unlinked(Table *t, void *closure) {
+    return ready(t) ? mask_to_long(t->unlinked, t->W) : NULL;
+}
 
-static Py_ssize_t T_len(Table *t) { return (Py_ssize_t)t->count; }
+static Py_ssize_t T_len(Table *t) { return ready(t) ? (Py_ssize_t)t->count : -1; }
 
 #define CHECK(cond, ...)                                  \
     do {                                                  \
@@ -229,6 +269,8 @@ static Py_ssize_t T_len(Table *t) { return (Py_ssize_t)t->count; }
 
 /* Every invariant, O(everything): for tests. */
 static PyObject *T_check(Table *t, PyObject *unused) {
+    if (!ready(t))
+        return NULL;
     uint64_t alive = 0, lru = 0;
     for (uint32_t n = 1; n <= t->top; n++) {
         Node *x = &t->nodes[n];
@@ -272,8 +314,14 @@ static PyObject *T_check(Table *t, PyObject *unused) {
 /* ---------------------------------------------------------------- type */
 static int T_init(Table *t, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"max_blocks", "seed", NULL};
-    unsigned long long max_blocks, seed;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "KK:HolderTable", kwlist, &max_blocks, &seed))
+    PyObject *mb_obj, *seed_obj;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO:HolderTable", kwlist, &mb_obj, &seed_obj))
+        return -1;
+    unsigned long long max_blocks = PyLong_AsUnsignedLongLong(mb_obj);
+    if (max_blocks == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    unsigned long long seed = PyLong_AsUnsignedLongLong(seed_obj);  /* a seed of 2**64 - 1 is fine */
+    if (seed == (unsigned long long)-1 && PyErr_Occurred())
         return -1;
     if (max_blocks < 1 || max_blocks > (1ULL << 31)) {
         PyErr_SetString(PyExc_ValueError, "max_blocks must be in [1, 2**31]");
@@ -283,6 +331,12 @@ static int T_init(Table *t, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_RuntimeError, "HolderTable is already initialised");
         return -1;
     }
+    PyMem_Free(t->usable);  /* what an __init__ that failed half-way left */
+    PyMem_Free(t->unlinked);
+    PyMem_Free(t->table.cells);
+    PyMem_Free(t->extra.cells);
+    t->usable = t->unlinked = NULL;
+    t->table.cells = t->extra.cells = NULL;
     t->max_blocks = max_blocks;
     t->evict_chunk = max_blocks / 64 ? max_blocks / 64 : 1;
     t->W = 1;
@@ -307,6 +361,8 @@ static void T_dealloc(Table *t) {
     PyMem_Free(t->held);
     PyMem_Free(t->scratch);
     PyMem_Free(t->rstack);
+    PyMem_Free(t->set_keys);
+    PyMem_Free(t->set_gen);
     PyMem_Free(t->stack);
     Py_TYPE(t)->tp_free((PyObject *)t);
 }

@@ -14,7 +14,9 @@
  *   masks   W 64-bit words per node (W grows with the highest slot registered)
  *   extra   (node << 16 | slot) -> references beyond the first (a second open-addressing table)
  * Bounds: nodes <= max_blocks (+ what eviction could not free: leaves only, as in Python);
- * tables at most half full; slots < 65536.
+ * tables at most half full; slots < 65536. Hostile input: chains repeating a hash are refused,
+ * links closing a cycle are refused, every slot and size argument is range-checked, and a
+ * method of a table whose __init__ has not run raises instead of touching NULL arrays.
  *
  * Files: holders.h (types, inline helpers), holders_table.c (this one: the structure and its
  * changes), holders_match.c (match, the linear walk, touch), holders_module.c (the Python type).
@@ -110,23 +112,25 @@ int ensure_width(Table *t, uint32_t slot) {
     return 0;
 }
 
+/* W words <-> a non-negative int, in O(W) through little-endian bytes. */
 PyObject *mask_to_long(const uint64_t *m, uint32_t W) {
     uint32_t top = W;
     while (top > 1 && !m[top - 1])
         top--;
-    PyObject *r = PyLong_FromUnsignedLongLong(m[top - 1]);
-    if (top == 1 || r == NULL)
-        return r;
-    PyObject *shift = PyLong_FromLong(64);
-    for (uint32_t i = top - 1; i-- > 0 && r != NULL;) {
-        PyObject *s = PyNumber_Lshift(r, shift);
-        Py_DECREF(r);
-        PyObject *w = s ? PyLong_FromUnsignedLongLong(m[i]) : NULL;
-        r = w ? PyNumber_Or(s, w) : NULL;
-        Py_XDECREF(s);
-        Py_XDECREF(w);
-    }
-    Py_XDECREF(shift);
+    if (top == 1)
+        return PyLong_FromUnsignedLongLong(m[0]);
+    unsigned char *b = PyMem_Malloc((size_t)top * 8);
+    if (b == NULL)
+        return PyErr_NoMemory();
+    for (uint32_t i = 0; i < top; i++)
+        for (int k = 0; k < 8; k++)
+            b[8 * i + k] = (unsigned char)(m[i] >> (8 * k));
+#if PY_VERSION_HEX >= 0x030D0000
+    PyObject *r = PyLong_FromUnsignedNativeBytes(b, (size_t)top * 8, Py_ASNATIVEBYTES_LITTLE_ENDIAN);
+#else
+    PyObject *r = _PyLong_FromByteArray(b, (size_t)top * 8, 1, 0);
+#endif
+    PyMem_Free(b);
     return r;
 }
 
@@ -140,24 +144,38 @@ int long_to_mask(PyObject *v, uint64_t *out, uint32_t W) {
         PyErr_SetString(PyExc_ValueError, "the mask has bits past the highest registered slot");
         return -1;
     }
-    PyObject *shift = PyLong_FromLong(64), *cur = v;
-    if (shift == NULL)
+    unsigned char *b = PyMem_Malloc((size_t)W * 8);
+    if (b == NULL) {
+        PyErr_NoMemory();
         return -1;
-    Py_INCREF(cur);
-    for (uint32_t i = 0; i < W && cur != NULL; i++) {
-        out[i] = PyLong_AsUnsignedLongLongMask(cur);
-        PyObject *next = PyNumber_Rshift(cur, shift);
-        Py_DECREF(cur);
-        cur = next;
     }
-    Py_XDECREF(cur);
-    Py_DECREF(shift);
-    return PyErr_Occurred() ? -1 : 0;
+#if PY_VERSION_HEX >= 0x030D0000
+    Py_ssize_t rc = PyLong_AsNativeBytes(v, b, (Py_ssize_t)W * 8,
+                                         Py_ASNATIVEBYTES_LITTLE_ENDIAN | Py_ASNATIVEBYTES_UNSIGNED_BUFFER);
+#else
+    int rc = _PyLong_AsByteArray((PyLongObject *)v, b, (size_t)W * 8, 1, 0);
+#endif
+    if (rc >= 0)
+        for (uint32_t i = 0; i < W; i++) {
+            out[i] = 0;
+            for (int k = 0; k < 8; k++)
+                out[i] |= (uint64_t)b[8 * i + k] << (8 * k);
+        }
+    PyMem_Free(b);
+    return rc < 0 ? -1 : 0;
 }
 
 /* ---------------------------------------------------------------- nodes, LRU, links */
 int grow_nodes(Table *t) {
-    uint32_t cap = t->cap_nodes ? t->cap_nodes * 2 : 1024;
+    /* doubling, but landing on max_blocks + 1 (id 0 is NIL) rather than twice that */
+    uint64_t want = t->cap_nodes ? (uint64_t)t->cap_nodes * 2 : 1024, full = t->max_blocks + 1;
+    if (t->cap_nodes < full && want > full)
+        want = full;
+    if (want > MAX_NODES) {
+        PyErr_SetString(PyExc_MemoryError, "HolderTable: too many nodes");
+        return -1;
+    }
+    uint32_t cap = (uint32_t)want;
     Node *nn = PyMem_Realloc(t->nodes, (size_t)cap * sizeof(Node));
     if (nn == NULL)
         goto oom;
@@ -300,6 +318,8 @@ int add_ref(Table *t, uint32_t n, uint32_t slot) {
         return 0;
     }
     uint32_t r = map_get(&t->extra, xkey(n, slot));
+    if (r == UINT32_MAX)  /* saturated: 2**32 references of one hash by one worker */
+        return 0;
     if (map_put(&t->extra, xkey(n, slot), r + 1) < 0)
         return -1;
     if (!r)
@@ -341,12 +361,12 @@ void unhold(Table *t, uint32_t n) {
 }
 
 /* Drop the n least recently used leaves (inner nodes met are moved to the recent end). */
-void evict(Table *t, uint64_t n) {
+void evict(Table *t, uint64_t n, uint32_t keep) {
     uint64_t gone = 0, scanned = 0, budget = t->count;
     while (gone < n && t->count && scanned < budget) {
         uint32_t x = t->lru_head;
         scanned++;
-        if (t->nodes[x].child) {
+        if (t->nodes[x].child || x == keep) {  /* inner (or kept): to the recent end */
             lru_touch(t, x);
             continue;
         }
@@ -356,23 +376,39 @@ void evict(Table *t, uint64_t n) {
     t->evictions += gone;
 }
 
-void make_room(Table *t, uint64_t n) {
+void make_room(Table *t, uint64_t n, uint32_t keep) {
     int64_t room = (int64_t)t->max_blocks - (int64_t)t->count - (int64_t)n;
     if (room < 0)
-        evict(t, (uint64_t)(-room) + t->evict_chunk - 1);
+        evict(t, (uint64_t)(-room) + t->evict_chunk - 1, keep);
 }
 
 /* ---------------------------------------------------------------- chains */
+/* A new store call: its stamp (Node.stamp marks the first visit of a node in one call). */
+static uint32_t next_call(Table *t) {
+    if (++t->call >= (1u << 31)) {
+        for (uint32_t n = 1; n <= t->top; n++)
+            t->nodes[n].stamp = 0;
+        t->call = 1;
+    }
+    return t->call;
+}
+
+/* Reference every hash of b for slot, deepest first, so the root ends the most recent; a hash
+ * listed twice stays where its deepest occurrence put it. Node ids -> t->stack[0..n). */
 int set_refs(Table *t, unsigned int slot, Py_buffer *b, Py_ssize_t n) {
+    uint32_t call = next_call(t);
     if (reserve(t, (size_t)n) < 0)
         return -1;
     for (Py_ssize_t i = n - 1; i >= 0; i--) {
         uint64_t h = hash_at(b, i);
         uint32_t id = map_get(&t->table, h);
-        if (id)
-            lru_touch(t, id);
-        else if ((id = node_new(t, h)) == NIL)
+        if (id) {
+            if (t->nodes[id].stamp != call)
+                lru_touch(t, id);
+        } else if ((id = node_new(t, h)) == NIL) {
             return -1;
+        }
+        t->nodes[id].stamp = call;
         if (add_ref(t, id, slot) < 0)
             return -1;
         t->stack[i] = id;
@@ -397,5 +433,50 @@ int cascade(Table *t, uint32_t n, unsigned int slot) {
         cleared++;
     }
     t->cascaded_blocks += cleared;
+    return 0;
+}
+
+/* Whether c is among x and its linked ancestors (a walk past MAX_ANCESTRY counts as yes). */
+int is_ancestor(Table *t, uint32_t c, uint32_t x) {
+    for (uint32_t steps = 0; x; steps++) {
+        if (x == c || steps >= MAX_ANCESTRY)
+            return 1;
+        x = t->nodes[x].parent;
+    }
+    return 0;
+}
+
+/* Whether b's n hashes (and parent, when has_parent) hold a repeat: a scratch open-addressing
+ * set, cleared by generation. -1 with an exception when it cannot allocate. */
+int has_repeat(Table *t, Py_buffer *b, Py_ssize_t n, int has_parent, uint64_t parent) {
+    size_t cap = 16;
+    while (cap < 2 * (size_t)(n + 1))
+        cap *= 2;
+    if (cap > t->set_cap) {
+        uint64_t *k = PyMem_Realloc(t->set_keys, cap * 8);
+        if (k != NULL)
+            t->set_keys = k;
+        uint32_t *g = k ? PyMem_Calloc(cap, 4) : NULL;
+        if (g == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        PyMem_Free(t->set_gen);
+        t->set_gen = g, t->set_cap = cap, t->set_round = 0;
+    }
+    if (++t->set_round == 0) {  /* wrapped: forget every generation */
+        memset(t->set_gen, 0, t->set_cap * 4);
+        t->set_round = 1;
+    }
+    uint64_t mask = cap - 1, seed = t->table.seed;
+    int shift = 64 - __builtin_ctzll(cap);
+    for (Py_ssize_t i = has_parent ? -1 : 0; i < n; i++) {  /* seeded Fibonacci hashing: cheap */
+        uint64_t h = i < 0 ? parent : hash_at(b, i), j = ((h ^ seed) * 0x9E3779B97F4A7C15ULL) >> shift;
+        for (; t->set_gen[j] == t->set_round; j = (j + 1) & mask)
+            if (t->set_keys[j] == h)
+                return 1;
+        t->set_gen[j] = t->set_round;
+        t->set_keys[j] = h;
+    }
     return 0;
 }
