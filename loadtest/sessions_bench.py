@@ -9,7 +9,10 @@ naming each request's session (``X-Session-Id``) in both:
 - ``transfer``: ``router.kv_local_prefill=false``: every step is prefilled on a prefill worker
   (its prefix cache computes only the new suffix), its KV exported, pulled and read by a decode worker;
 - ``local``: ``router.kv_local_prefill=true`` (the default): a session's next step goes to the
-  decode worker that ran its last one, which prefills the suffix itself; no export, no transfer.
+  decode worker that ran its last one, which prefills the suffix itself; no export, no transfer;
+- ``local-chunked`` (ask for it with ``--variants``): ``local`` with ``decode.prefill_chunk_tokens=64``:
+  the decode engine computes at most 64 prompt tokens a step, so a local prefill is spread over
+  several decode steps instead of stalling the other streams for one long one.
 
 Per variant: TTFT / ITL / end-to-end percentiles for all requests, first steps and later steps;
 output tokens/s; prompt tokens computed (prompt - cached, from each response's usage); and from
@@ -36,7 +39,9 @@ from kvrelay.loadtest.plan import from_workload
 from kvrelay.loadtest.run import conditions, execute
 from kvrelay.loadtest.workloads import AgenticConfig, generate
 
-VARIANTS = {"transfer": ("router.kv_local_prefill=false",), "local": ("router.kv_local_prefill=true",)}
+VARIANTS = {"transfer": ("router.kv_local_prefill=false",), "local": ("router.kv_local_prefill=true",),
+            # local prefill spread over decode steps of at most 64 prompt tokens (decode.prefill_chunk_tokens)
+            "local-chunked": ("router.kv_local_prefill=true", "decode.prefill_chunk_tokens=64")}
 # an agent loop sized for SmolLM2 on 2 CPU cores: the suffix a step adds (the previous tool call
 # and a tool result) stays under the default local threshold (256 tokens) most of the time
 WORKLOAD = AgenticConfig(sessions=8, tenants=1, pool=1, system_tokens=(600, 1000), task_tokens=(50, 150),

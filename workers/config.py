@@ -82,6 +82,10 @@ class DecodeConfig(Struct):
     # cores the KV loader threads run on ("0", "0-1", "0,2"); "" = wherever the engine runs. On CPU
     # machines, a core other than the engine's keeps big imports from stretching decode steps
     kv_load_cpus: str = limit("", max_len=256)
+    # vLLM engines: prompt tokens the decode engine computes per step (its max_num_batched_tokens,
+    # chunked prefill on); 0 = vLLM's default (2048 on CPU). A local prefill (a session's next step)
+    # is then spread over steps, bounding how long it stalls the streams decoding beside it
+    prefill_chunk_tokens: int = limit(0, min=0, max=1 << 20)
     # debug: zero the KV after loading it (proves the KV is really transferred)
     debug_zero_kv: bool = False
     # un-acked PrefillDone messages the shared consumer allows across all decode workers

@@ -71,7 +71,7 @@ class VllmDecodeEngine(KvEventsMixin):
         backends = readable_backends(list(decode.backends))
         conn = ConnectorConfig(notify_path="", transfer_timeout_s=decode.transfer_timeout_s,
                                backends=list(backends), load_cpus=decode.kv_load_cpus)
-        self._rt = VllmRuntime(engine, conn, self._on_notice)
+        self._rt = VllmRuntime(engine, conn, self._on_notice, chunk_tokens=decode.prefill_chunk_tokens)
         self.info = EngineInfo(
             model=engine.served_model_name or engine.model,
             block_size=engine.block_size,

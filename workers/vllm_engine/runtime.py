@@ -72,12 +72,17 @@ class VllmRuntime:
         cfg: EngineConfig,
         connector: ConnectorConfig | dict[str, Any],
         on_notice: Callable[[Notice, bool], None],
+        chunk_tokens: int = 0,
     ) -> None:
         if cfg.kind != "vllm":
             raise EngineError(f"engine kind {cfg.kind!r} is not vllm")
         if not cfg.model:
             raise EngineError("engine.model (a model folder) is not set")
+        if 0 < chunk_tokens < cfg.max_num_seqs:
+            raise EngineError(f"a prefill chunk of {chunk_tokens} tokens is below engine.max_num_seqs "
+                              f"({cfg.max_num_seqs}): vLLM needs room for one token per running request")
         self.cfg = cfg
+        self.chunk_tokens = chunk_tokens  # max_num_batched_tokens (0: vLLM's default)
         # the notify path is filled in by start(); the rest is the caller's
         self._connector = dict(
             connector.to_mapping() if isinstance(connector, ConnectorConfig) else connector
@@ -123,6 +128,8 @@ class VllmRuntime:
             from vllm.config import KVEventsConfig
 
             extra["kv_events_config"] = KVEventsConfig(**self.kv_events_config)
+        if self.chunk_tokens:
+            extra |= {"max_num_batched_tokens": self.chunk_tokens, "enable_chunked_prefill": True}
         args = AsyncEngineArgs(
             model=c.model,
             served_model_name=c.served_model_name or None,
