@@ -47,6 +47,7 @@ def test_sessions_bench_samples_sums_a_metric_by_labels() -> None:
 
 
 def test_sessions_bench_variants_differ_only_in_local_prefill_and_the_workload_is_multi_step() -> None:
-    assert VARIANTS == {"transfer": ("router.kv_local_prefill=false",), "local": ("router.kv_local_prefill=true",)}
+    assert VARIANTS == {"transfer": ("router.kv_local_prefill=false",), "local": ("router.kv_local_prefill=true",),
+                        "local-chunked": ("router.kv_local_prefill=true", "decode.prefill_chunk_tokens=64")}
     wl = generate("agentic", 0, WORKLOAD)
     assert all(len(s.steps) >= 4 for s in wl.sessions)
