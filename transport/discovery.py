@@ -44,10 +44,13 @@ async def open_bucket(bus: Bus) -> KeyValue:
 
 
 class Announcer:
-    """Keeps one worker's record alive: ``run()`` re-puts ``info()`` every heartbeat until cancelled.
+    """Keeps one worker's record alive: ``run()`` re-puts ``info()`` every heartbeat until
+    ``stop()`` or a cancel; on the way out the record is deleted so routers see a clean leave at
+    once instead of after the TTL.
 
-    The owner runs it as a task and cancels it; on the way out the record is deleted so routers
-    see a clean leave at once instead of after the TTL.
+    Owners call ``stop()`` before cancelling the task: on Python < 3.12 ``asyncio.wait_for`` can
+    swallow a cancel that lands as its inner call completes (a heartbeat put, here), and the task
+    then heartbeats on until the next cancel; ``stop()`` ends the loop whatever the cancel did.
     """
 
     def __init__(self, bus: Bus, worker_id: str, info: Callable[[], WorkerInfo]) -> None:
@@ -55,6 +58,11 @@ class Announcer:
         self.worker_id = worker_id
         self.info = info
         self._kv: KeyValue | None = None
+        self.stopped = False
+
+    def stop(self) -> None:
+        """End ``run()`` at its next step (it then deletes the record)."""
+        self.stopped = True
 
     async def put_once(self) -> None:
         if self._kv is None:
@@ -66,12 +74,14 @@ class Announcer:
 
     async def run(self) -> None:
         try:
-            while True:
+            while not self.stopped:
                 await self.put_once()
-                await asyncio.sleep(self.bus.cfg.heartbeat_s)
+                if not self.stopped:
+                    await asyncio.sleep(self.bus.cfg.heartbeat_s)
         except asyncio.CancelledError:
             await self._leave()
             raise
+        await self._leave()
 
     async def _leave(self) -> None:
         if self._kv is None:

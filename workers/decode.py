@@ -137,6 +137,7 @@ class DecodeService:
         await self.owner.wait(self._pullers, self.cfg.fetch_timeout_s + self.bus.cfg.request_timeout_s)
         running = {a.task for a in self.active.values() if a.task is not None}
         await self.owner.wait(running, self.cfg.drain_timeout_s)
+        self.announcer.stop()  # ends the heartbeat even if its cancel is lost (Announcer doc)
         await self.owner.close()
         for sub in self._subs:
             try:

@@ -126,6 +126,7 @@ class PrefillService:
                 pass
         for item in self.queue.drain():
             await self._fail(item.task, 0, "draining", "worker shut down before the task ran", 503)
+        self.announcer.stop()  # ends the heartbeat even if its cancel is lost (Announcer doc)
         await self.owner.close()
         for sub in self._subs:
             try:

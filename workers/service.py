@@ -48,6 +48,9 @@ def remaining_s(deadline_ms: int) -> float | None:
     return (deadline_ms - now_ms()) / 1000.0
 
 
+RECANCEL_S = 2.0  # TaskOwner.close: how long a cancelled task may take before it is cancelled again
+
+
 class TaskOwner:
     """Owns background tasks: ``spawn`` tracks them, ``close`` cancels and awaits every one.
 
@@ -81,14 +84,21 @@ class TaskOwner:
         return not pending
 
     async def close(self, timeout: float = 10.0) -> None:
-        """Cancel every task and wait for them (at most ``timeout``; stragglers are logged)."""
-        tasks = set(self._tasks)
-        for t in tasks:
-            t.cancel()
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=timeout)
+        """Cancel every task and wait for them (at most ``timeout``; stragglers are logged).
+
+        A task still running ``RECANCEL_S`` after its cancel is cancelled again: on Python < 3.12
+        ``asyncio.wait_for`` can swallow a cancel that lands as its inner call completes."""
+        pending = set(self._tasks)
+        deadline = time.monotonic() + timeout
+        while pending:
             for t in pending:
-                log.error("task_did_not_stop", task=t.get_name())
+                t.cancel()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            _, pending = await asyncio.wait(pending, timeout=min(left, RECANCEL_S))
+        for t in pending:
+            log.error("task_did_not_stop", task=t.get_name())
 
 
 class RecentIds:
@@ -146,9 +156,9 @@ async def wait_any(*events: asyncio.Event) -> None:
 
 
 async def heartbeat(announcer: Announcer, retry_s: float) -> None:
-    """``announcer.run()`` for the worker's lifetime: a bus failure (e.g. the bucket cannot be
-    opened yet) is logged and retried after ``retry_s`` instead of ending the heartbeat."""
-    while True:
+    """``announcer.run()`` for the worker's lifetime (until ``announcer.stop()`` or a cancel): a bus
+    failure (e.g. the bucket cannot be opened yet) is logged and retried after ``retry_s``."""
+    while not announcer.stopped:
         try:
             await announcer.run()
         except TransportError as exc:

@@ -44,6 +44,26 @@ async def test_directory_sees_join_and_clean_leave(bus_config: BusConfig) -> Non
         await bus.close()
 
 
+async def test_announcer_stop_ends_the_heartbeat_and_leaves_without_a_cancel(bus_config: BusConfig) -> None:
+    """``stop()`` ends ``run()`` by itself (a cancel can be lost inside ``asyncio.wait_for`` on
+    Python < 3.12), and the record is deleted on the way out."""
+    bus = await Bus.connect(bus_config, "test")
+    directory = Directory(bus)
+    watch = asyncio.create_task(directory.run())
+    ann = Announcer(bus, "p2", lambda: _info("p2"))
+    beat = asyncio.create_task(ann.run())
+    try:
+        await _wait_until(lambda: [i.worker_id for i in directory.live("prefill")] == ["p2"], directory)
+        ann.stop()
+        await asyncio.wait_for(beat, 10)  # returns on its own: no cancel
+        await _wait_until(lambda: directory.live() == [], directory)
+    finally:
+        watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch
+        await bus.close()
+
+
 def test_directory_ages_out_silent_workers_and_ignores_bad_records() -> None:
     now = [100.0]
 

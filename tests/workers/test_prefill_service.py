@@ -10,7 +10,7 @@ import aiohttp
 import msgpack
 import pytest
 from workers_fake_engines import BLOCK_SIZE, FakePrefillEngine, first_token
-from workers_harness import Collector, Service, config, record_gone, stream_count, task, worker_record
+from workers_harness import Collector, Service, config, eventually, record_gone, stream_count, task, worker_record
 
 from kvrelay.schemas.codec import decode
 from kvrelay.schemas.messages import Cancel, DispatchReply, LeaseRelease, PrefillDone, TokenChunk
@@ -82,6 +82,10 @@ async def test_prefill_decode_hint_goes_to_that_decode_workers_subject(bus, bus_
         await svc.close()
 
 
+async def _count_at_least(bus: Bus, n: int) -> bool:
+    return await stream_count(bus) >= n
+
+
 async def test_prefill_finished_in_prefill_ends_stream_without_handover(bus, bus_config, namespace) -> None:
     engine = FakePrefillEngine()
     svc = await start(bus, bus_config, engine)
@@ -97,8 +101,10 @@ async def test_prefill_finished_in_prefill_ends_stream_without_handover(bus, bus
         t2 = task("r2", [6, 7], ns=namespace)
         assert (await dispatch(bus, t2)).accepted
         await engine.until(lambda: len(engine.leases) == 1)
-        assert await stream_count(bus) == 1
+        # the lease comes before the handover's publish: wait for a message, then it is r2's, alone
+        await eventually(lambda: _count_at_least(bus, 1))
         assert (await last_done(bus, bus.subjects.prefilled)).request_id == "r2"
+        assert await stream_count(bus) == 1
     finally:
         await svc.close()
 
