@@ -44,7 +44,7 @@ class KvEventsSubscriber:
         self._sub = None
         self._resyncs: dict[str, asyncio.Task] = {}
         self.counters = dict.fromkeys(("batches", "bad_batches", "snapshots", "snapshot_failures"), 0)
-        self.applied = asyncio.Event()  # set after every applied batch or snapshot (tests, readiness)
+        self.applied = asyncio.Event()  # set after every batch handled (even undecodable) or snapshot
 
     async def start(self) -> None:
         await self.bus.ensure_kv_events_stream()
@@ -84,6 +84,7 @@ class KvEventsSubscriber:
         except SchemaError as exc:
             self.counters["bad_batches"] += 1
             log.warning("kv_event_batch_rejected", subject=msg.subject, error=str(exc))
+            self.applied.set()
             return
         result = self.index.apply(batch)
         self.counters["batches"] += 1
