@@ -87,15 +87,11 @@ class PrefixIndex:
     """hash -> holders, with per-worker event ids, gap resync and an LRU cap. See module doc."""
 
     def __init__(self, spec: str, max_blocks: int = 1 << 20, max_workers: int = 1024,
-                 max_pending: int = 256, max_touches: int = 1024, native: bool | None = None) -> None:
-        """``native``: None = the C storage when built, True = require it, False = pure Python."""
+                 max_pending: int = 256, max_touches: int = 1024) -> None:
         if max_blocks < 1 or max_workers < 1 or max_pending < 1 or max_touches < 1:
             raise ValueError("index bounds must be positive")
         if max_workers > 65536 or max_blocks > 1 << 31:
             raise ValueError("at most 65536 workers and 2**31 blocks")
-        if native and not NATIVE:
-            raise PrefixIndexError("the C index (kvrelay.router._holders) is not built: reinstall kvrelay "
-                                   "with a C compiler, or use native=False")
         self.spec = spec
         self.max_blocks = max_blocks
         self.max_workers = max_workers
@@ -103,7 +99,7 @@ class PrefixIndex:
         self._counts = dict.fromkeys(
             ("applied_batches", "applied_blocks", "duplicates", "gaps", "resyncs", "rejected",
              "spec_mismatches", "pending_dropped", "epochs"), 0)
-        self.impl = "native" if native is not False and NATIVE else "python"
+        self.impl = "native" if NATIVE else "python"
         self._map: Any = (HolderTable(max_blocks, int.from_bytes(os.urandom(8), "little"))
                           if self.impl == "native" else HolderMap(max_blocks))
         self._workers: dict[str, _Worker] = {}

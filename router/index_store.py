@@ -50,7 +50,6 @@ from sys import getsizeof
 from kvrelay.router.index_match import resolve, walk
 from kvrelay.schemas.kv_events import unpack_hashes
 
-
 MAX_ANCESTRY = 65536  # longest parent chain walked to refuse a cycle (longer: refused too), as in C
 
 
@@ -159,8 +158,8 @@ class HolderMap:
             self._set(slot, 1 << slot, hashes)
         return len(hashes)
 
-    def _set(self, slot: int, bit: int, hashes: list[int]) -> list[int]:
-        """Or ``bit`` into every hash (C-level bulk ops); returns the masks they had."""
+    def _set(self, slot: int, bit: int, hashes: list[int]) -> None:
+        """Or ``bit`` into every hash (C-level bulk ops), counting references past the first."""
         holders = self.holders
         before = len(holders)
         # re-inserted below as the most recent, deepest first: leaves are evicted before their
@@ -170,7 +169,8 @@ class HolderMap:
         holders.update(zip(reversed(hashes), map(or_, reversed(old), repeat(bit))))
         distinct = len(holders) - base
         if distinct != len(hashes):
-            return self._set_repeats(slot, bit, hashes, old)
+            self._set_repeats(slot, bit, hashes, old)
+            return
         if before != base and reduce(or_, old) & bit:  # stored again: count the references
             extra, shifted = self.extra, slot << 64
             again = list(compress(hashes, map(and_, old, repeat(bit))))
@@ -178,10 +178,10 @@ class HolderMap:
                 extra[shifted | h] = extra.get(shifted | h, 0) + 1
             distinct -= len(again)
         self._held[slot] += distinct
-        return old
 
-    def _set_repeats(self, slot: int, bit: int, hashes: list[int], old: list[int]) -> list[int]:
-        """A hash listed twice in one chain (rare): redo the masks and count the references."""
+    def _set_repeats(self, slot: int, bit: int, hashes: list[int], old: list[int]) -> None:
+        """A hash listed twice (a snapshot of a hash held twice; chains never repeat, ``store``
+        refuses them): redo the masks and count the references."""
         holders, extra, shifted = self.holders, self.extra, slot << 64
         first: dict[int, int] = {}
         for h, m in zip(hashes, old):
@@ -197,7 +197,6 @@ class HolderMap:
             if refs > 1:
                 extra[shifted | h] = extra.get(shifted | h, 0) + refs - 1
         self._held[slot] += new
-        return [first[h] for h in hashes]
 
     def _link(self, parents: list[int], children: list[int]) -> None:
         """Link ``parent -> child`` for each pair whose child has no parent link yet (C-level

@@ -135,11 +135,6 @@ def block_hashes(token_ids: Sequence[int], block_size: int, root: int) -> list[i
     fast = _chain_native(token_ids, block_size, root, 0)
     if fast is not None:
         return fast
-    return py_block_hashes(token_ids, block_size, root)
-
-
-def py_block_hashes(token_ids: Sequence[int], block_size: int, root: int) -> list[int]:
-    """``block_hashes`` on the pure-Python path (the reference; arguments checked by the caller)."""
     full = len(token_ids) // block_size * block_size
     if not full:
         return []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 
 from kvrelay.schemas import WorkerInfo, encode
 from kvrelay.transport.bus import Bus
@@ -24,44 +25,43 @@ async def _wait_until(cond, directory: Directory, timeout: float = 5.0) -> None:
     await asyncio.wait_for(loop(), timeout)
 
 
-async def test_directory_sees_join_and_clean_leave(bus_config: BusConfig) -> None:
+@contextlib.asynccontextmanager
+async def _announced(bus_config: BusConfig,
+                     wid: str) -> AsyncIterator[tuple[Directory, Announcer, asyncio.Task]]:
+    """A directory watching the bucket and an announcer heartbeating ``wid``, seen live once."""
     bus = await Bus.connect(bus_config, "test")
     directory = Directory(bus)
     watch = asyncio.create_task(directory.run())
-    ann = Announcer(bus, "p1", lambda: _info("p1"))
+    ann = Announcer(bus, wid, lambda: _info(wid))
     beat = asyncio.create_task(ann.run())
     try:
-        await _wait_until(lambda: [i.worker_id for i in directory.live("prefill")] == ["p1"], directory)
+        await _wait_until(lambda: [i.worker_id for i in directory.live("prefill")] == [wid], directory)
+        yield directory, ann, beat
+    finally:
+        beat.cancel()
+        watch.cancel()
+        for t in (beat, watch):
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await bus.close()
+
+
+async def test_directory_sees_join_and_clean_leave(bus_config: BusConfig) -> None:
+    async with _announced(bus_config, "p1") as (directory, _, beat):
         assert directory.live("decode") == []
         beat.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await beat
         await _wait_until(lambda: directory.live() == [], directory)
-    finally:
-        watch.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watch
-        await bus.close()
 
 
 async def test_announcer_stop_ends_the_heartbeat_and_leaves_without_a_cancel(bus_config: BusConfig) -> None:
     """``stop()`` ends ``run()`` by itself (a cancel can be lost inside ``asyncio.wait_for`` on
     Python < 3.12), and the record is deleted on the way out."""
-    bus = await Bus.connect(bus_config, "test")
-    directory = Directory(bus)
-    watch = asyncio.create_task(directory.run())
-    ann = Announcer(bus, "p2", lambda: _info("p2"))
-    beat = asyncio.create_task(ann.run())
-    try:
-        await _wait_until(lambda: [i.worker_id for i in directory.live("prefill")] == ["p2"], directory)
+    async with _announced(bus_config, "p2") as (directory, ann, beat):
         ann.stop()
         await asyncio.wait_for(beat, 10)  # returns on its own: no cancel
         await _wait_until(lambda: directory.live() == [], directory)
-    finally:
-        watch.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watch
-        await bus.close()
 
 
 def test_directory_ages_out_silent_workers_and_ignores_bad_records() -> None:
