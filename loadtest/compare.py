@@ -59,6 +59,7 @@ class Preset:
     aggregated_instances: int = 0  # plain vLLM servers (0: one per core)
     judged: bool = True  # the interference target (verdict) applies to this preset
     load_on_prefill_cores: bool = True  # disaggregated: decode.kv_load_cpus = the prefill cores
+    kvrelay_sets: tuple[str, ...] = ()  # disaggregated: more ``kvrelay up --set key=value``
 
 
 PRESETS: dict[str, Preset] = {
@@ -90,7 +91,8 @@ def make(name: str, p: Preset, log_dir: Path) -> Deployment:
     if name == "disaggregated":
         half = max(1, p.cores // 2)
         return Disaggregated(p.engine, log_dir / name, prefill=half, decode=max(1, p.cores - half),
-                             policy=p.policy, load_on_prefill_cores=p.load_on_prefill_cores, **start)
+                             policy=p.policy, load_on_prefill_cores=p.load_on_prefill_cores,
+                             sets=p.kvrelay_sets, **start)
     raise ValueError(f"unknown deployment {name!r}: aggregated or disaggregated")
 
 
@@ -291,8 +293,22 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--load-on-decode-core", action="store_true",
                     help="disaggregated: leave the decode workers' KV loader threads on their own core "
                          "(default: on the prefill cores, decode.kv_load_cpus)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="disaggregated: one more kvrelay setting (repeatable, after the preset's own), "
+                         "e.g. prefill.long_prompt_step_tokens=256; recorded in the report")
+    ap.add_argument("--sweep-long-rate", nargs="+", default=None, metavar="R",
+                    help="run the comparison once per long-prompt rate R (per second) and write a summary "
+                         "across them (compare_<preset>_sweep.*): where disaggregation starts to pay")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    rates = None
+    if args.sweep_long_rate is not None:
+        from kvrelay.loadtest import sweep
+
+        try:
+            rates = sweep.parse_rates(args.sweep_long_rate)
+        except ValueError as exc:
+            ap.error(str(exc))
     p = PRESETS[args.preset]
     wl = p.workload
     if args.duration is not None:
@@ -300,9 +316,14 @@ def main(argv: list[str]) -> int:
     if args.seed is not None:
         wl = replace(wl, seed=args.seed)
     p = replace(p, workload=wl, deployments=tuple(args.only) if args.only else p.deployments,
-                load_on_prefill_cores=p.load_on_prefill_cores and not args.load_on_decode_core)
+                load_on_prefill_cores=p.load_on_prefill_cores and not args.load_on_decode_core,
+                kvrelay_sets=(*p.kvrelay_sets, *args.sets))
     log_dir = args.logs or Path(tempfile.mkdtemp(prefix="kvrelay-compare-"))
     quiet = None if args.wait_quiet is None else (args.wait_quiet, args.wait_quiet_max_s)
+    if rates is not None:
+        s = asyncio.run(sweep.sweep(p, rates, args.out, log_dir, not args.no_progress, quiet))
+        print(json.dumps(s, indent=2) if args.json else sweep.markdown(s))
+        return 1 if any("error" in r[n] for r in s["rows"] for n in p.deployments) else 0
     report = asyncio.run(compare(p, args.out, log_dir, not args.no_progress, quiet))
     if args.json:
         print(json.dumps(report, indent=2))

@@ -88,7 +88,9 @@ class EngineSettings:
     """What every engine of either deployment runs with (vLLM names in comments)."""
 
     model: str = "smollm2"  # kvrelay model name or folder
-    dtype: str = "float32"  # --dtype (bf16 falls back to slow kernels on AVX2-only CPUs)
+    # --dtype; "auto" = what kvrelay serves with on this machine (workers/vllm_engine/env.py
+    # resolve_dtype: bfloat16 where the CPU has AVX512-BF16 or AMX, else float32), passed to both
+    dtype: str = "auto"
     max_model_len: int = 4096  # --max-model-len
     max_num_seqs: int = 16  # --max-num-seqs
     kv_cache_gb: float = 1.0  # --kv-cache-memory-bytes
@@ -97,8 +99,15 @@ class EngineSettings:
     # not set on either side: vLLM's CPU default (2048 tokens per step, chunked prefill on)
     max_num_batched_tokens: str = "vLLM default (2048 on CPU), chunked prefill on"
 
+    @property
+    def resolved_dtype(self) -> str:
+        from kvrelay.workers.vllm_engine.env import resolve_dtype
+
+        dtype = resolve_dtype(self.dtype)
+        return "bfloat16" if dtype == "auto" else dtype  # vLLM's own "auto" on CPU is bfloat16
+
     def kvrelay_sets(self) -> list[str]:
-        sets = [f'engine.dtype="{self.dtype}"', f"engine.max_model_len={self.max_model_len}",
+        sets = [f'engine.dtype="{self.resolved_dtype}"', f"engine.max_model_len={self.max_model_len}",
                 f"engine.max_num_seqs={self.max_num_seqs}", f"engine.kv_cache_gb={self.kv_cache_gb}",
                 f"engine.block_size={self.block_size}", f"engine.seed={self.seed}",
                 # kvrelay's cap on requests a decode worker runs: as many as the engine batches
@@ -106,7 +115,7 @@ class EngineSettings:
         return [x for s in sets for x in ("--set", s)]
 
     def vllm_args(self, folder: str) -> list[str]:
-        return ["--model", folder, "--dtype", self.dtype, "--max-model-len", str(self.max_model_len),
+        return ["--model", folder, "--dtype", self.resolved_dtype, "--max-model-len", str(self.max_model_len),
                 "--max-num-seqs", str(self.max_num_seqs),
                 "--kv-cache-memory-bytes", str(int(self.kv_cache_gb * GIB)),
                 "--block-size", str(self.block_size), "--seed", str(self.seed), "--enforce-eager",
@@ -168,7 +177,8 @@ class Deployment:
                     os.killpg(c.proc.pid, signal.SIGKILL)
 
     def describe(self) -> dict[str, Any]:
-        return {"engine": asdict(self.engine), "startup_s": round(self.started_s, 1),
+        return {"engine": asdict(self.engine) | {"dtype_used": self.engine.resolved_dtype},
+                "startup_s": round(self.started_s, 1),
                 "pinned": self.pinned, "engine_env": ENGINE_ENV}
 
     def _pin(self, name: str, pid: int | None, core: int) -> None:

@@ -46,6 +46,13 @@ class PrefillConfig(Struct):
     max_queued_tokens: int = limit(262_144, min=1)
     # requests in the engine at once
     max_running: int = limit(8, min=1)
+    # vLLM engines: prompt tokens the engine computes per step (its max_num_batched_tokens, chunked
+    # prefill on); 0 = vLLM's default (2048 on CPU)
+    chunk_tokens: int = limit(0, min=0, max=1 << 20)
+    # vLLM engines: while other prompts wait, one prompt computes at most this many tokens a step
+    # (vLLM long_prefill_token_threshold), so a short prompt arriving behind a long one starts at the
+    # next step instead of after the whole long prefill; 0 = no cap (first come, first served)
+    long_prompt_step_tokens: int = limit(0, min=0, max=1 << 20)
     # the export region holding finished prefills' KV until a decode worker fetches it
     export_mb: int = limit(512, min=1)
     lease_s: float = limit(30.0, min=0.5, max=3600.0)

@@ -75,13 +75,26 @@ def test_disaggregated_puts_the_decode_kv_loader_on_the_prefill_cores(tmp_path: 
 
 
 def test_engine_settings_same_on_both_sides() -> None:
-    e = EngineSettings()
+    e = EngineSettings(dtype="float32")
     v = e.vllm_args("/m")
     k = " ".join(e.kvrelay_sets())
     assert v[v.index("--dtype") + 1] == "float32" and 'engine.dtype="float32"' in k
     assert v[v.index("--max-num-seqs") + 1] == "16" and "engine.max_num_seqs=16" in k
     assert v[v.index("--kv-cache-memory-bytes") + 1] == str(1 << 30) and "engine.kv_cache_gb=1.0" in k
     assert v[v.index("--block-size") + 1] == "32" and "engine.block_size=32" in k
+
+
+def test_engine_settings_auto_dtype_is_resolved_once_for_both_sides(monkeypatch: pytest.MonkeyPatch) -> None:
+    """"auto" becomes the dtype kvrelay serves with on this CPU, and both deployments get that one."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for bf16, want in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda b=bf16: b, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda b=bf16: b, raising=False)
+        e = EngineSettings()
+        v = e.vllm_args("/m")
+        assert v[v.index("--dtype") + 1] == want and f'engine.dtype="{want}"' in " ".join(e.kvrelay_sets())
 
 
 def _block(itl99: float, tput: float) -> dict:

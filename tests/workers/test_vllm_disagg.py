@@ -313,3 +313,22 @@ async def test_vllm_disagg_local_prefill_gives_the_normal_paths_tokens(engines, 
     done2, normal, _, _ = await _disagg(prefill, decode, "local_ext")  # the normal path, for comparison
     prefill.release(done2.kv.ticket)
     assert normal == local
+
+
+@pytest.mark.parametrize("local", [False, True])
+async def test_vllm_decode_stream_first_read_in_a_task_closes_cleanly(engines, baseline, local: bool) -> None:
+    """The decode worker reads a stream's first delta in a task of its own (to keep the work-queue
+    message alive meanwhile) and closes the stream from its own task: the close must not fail
+    (a log context bound inside the stream would belong to the other task's context)."""
+    prefill, decode = engines
+    task = _task("conc6" if local else "conc7", max_tokens=40)
+    if local:
+        stream = decode.decode_local(task)
+    else:
+        out = await prefill.prefill(task)
+        stream = decode.decode(_done(task, out))
+    first = await asyncio.ensure_future(stream.__anext__())
+    assert first.token_ids
+    await stream.aclose()  # raised ValueError (a contextvar token from another Context) before
+    if not local:
+        prefill.release(out.kv.ticket)

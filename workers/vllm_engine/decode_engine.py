@@ -31,7 +31,7 @@ import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
-from kvrelay.logs import bound, get_logger
+from kvrelay.logs import get_logger
 from kvrelay.schemas.messages import KVDescriptor, PrefillDone, PrefillTask
 from kvrelay.transport.kv import metrics as kv_metrics
 from kvrelay.transport.kv.base import host_identity
@@ -120,48 +120,48 @@ class VllmDecodeEngine(KvEventsMixin):
         )
 
     async def decode(self, done: PrefillDone) -> AsyncIterator[TokenDelta]:
-        with bound(request_id=done.request_id):
-            max_tokens = done.sampling.max_tokens - 1
-            if max_tokens < 1:
-                yield TokenDelta(token_ids=[], text="", finish_reason="length")
-                return
-            nonce = secrets.randbits(62) + 1
-            kv_params = None
-            if self.readable(done.kv) and done.kv.num_tokens == len(done.prompt_token_ids):
-                kv_params = {
-                    IMPORT_KEY: {
-                        "kv": done.kv.to_mapping(),
-                        "nonce": nonce,
-                        "debug_zero_kv": self.debug_zero_kv,
-                    }
+        # no log context is bound here: a generator's first step may run in another task than its
+        # close (decode.py reads the first delta in a task of its own); the callers bind request_id
+        max_tokens = done.sampling.max_tokens - 1
+        if max_tokens < 1:
+            yield TokenDelta(token_ids=[], text="", finish_reason="length")
+            return
+        nonce = secrets.randbits(62) + 1
+        kv_params = None
+        if self.readable(done.kv) and done.kv.num_tokens == len(done.prompt_token_ids):
+            kv_params = {
+                IMPORT_KEY: {
+                    "kv": done.kv.to_mapping(),
+                    "nonce": nonce,
+                    "debug_zero_kv": self.debug_zero_kv,
                 }
-            else:
-                self.counters["unreadable"] += 1
-            async for delta in self._stream(done, max_tokens, kv_params, nonce):
-                yield delta
+            }
+        else:
+            self.counters["unreadable"] += 1
+        async for delta in self._stream(done, max_tokens, kv_params, nonce):
+            yield delta
 
     async def decode_local(self, task: PrefillTask) -> AsyncIterator[TokenDelta]:
         """The whole request on this engine: no KV transfer, the prefix cache serves what it holds."""
         from vllm.inputs import TokensPrompt
 
-        with bound(request_id=task.request_id):
-            spec = task.sampling
-            sp = sampling_params(spec, max_tokens=spec.max_tokens, kv_params=None, delta=True)
-            prompt = TokensPrompt(prompt_token_ids=list(task.prompt_token_ids))
-            if salt := cache_salt(task.tenant):
-                prompt["cache_salt"] = salt  # the same salt as transferred requests: their blocks hit
-            self.counters["local_prefills"] += 1
-            first, outputs = True, self._outputs(prompt, sp, task.request_id)
-            try:
-                async for delta, out in outputs:
-                    if first:
-                        first = False
-                        cached = min(int(out.num_cached_tokens or 0), len(task.prompt_token_ids))
-                        self.counters["local_cached_tokens"] += cached
-                        delta = dataclasses.replace(delta, cached_tokens=cached)
-                    yield delta
-            finally:
-                await outputs.aclose()  # a closed stream aborts the vLLM request now, not at GC
+        spec = task.sampling
+        sp = sampling_params(spec, max_tokens=spec.max_tokens, kv_params=None, delta=True)
+        prompt = TokensPrompt(prompt_token_ids=list(task.prompt_token_ids))
+        if salt := cache_salt(task.tenant):
+            prompt["cache_salt"] = salt  # the same salt as transferred requests: their blocks hit
+        self.counters["local_prefills"] += 1
+        first, outputs = True, self._outputs(prompt, sp, task.request_id)
+        try:
+            async for delta, out in outputs:
+                if first:
+                    first = False
+                    cached = min(int(out.num_cached_tokens or 0), len(task.prompt_token_ids))
+                    self.counters["local_cached_tokens"] += cached
+                    delta = dataclasses.replace(delta, cached_tokens=cached)
+                yield delta
+        finally:
+            await outputs.aclose()  # a closed stream aborts the vLLM request now, not at GC
 
     async def _stream(
         self, done: PrefillDone, max_tokens: int, kv_params: dict | None, nonce: int

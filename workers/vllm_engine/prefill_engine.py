@@ -70,7 +70,8 @@ class VllmPrefillEngine(KvEventsMixin):
         self.region_name = new_region_name()
         self._region_dir = region_dir
         conn = ConnectorConfig(notify_path="", region=self.region_name, region_dir=str(region_dir or ""))
-        self._rt = VllmRuntime(engine, conn, self._on_notice)
+        self._rt = VllmRuntime(engine, conn, self._on_notice, chunk_tokens=prefill.chunk_tokens,
+                               long_prompt_step_tokens=prefill.long_prompt_step_tokens)
         self.info = EngineInfo(
             model=engine.served_model_name or engine.model,
             block_size=engine.block_size,

@@ -73,6 +73,7 @@ class VllmRuntime:
         connector: ConnectorConfig | dict[str, Any],
         on_notice: Callable[[Notice, bool], None],
         chunk_tokens: int = 0,
+        long_prompt_step_tokens: int = 0,
     ) -> None:
         if cfg.kind != "vllm":
             raise EngineError(f"engine kind {cfg.kind!r} is not vllm")
@@ -82,7 +83,11 @@ class VllmRuntime:
             raise EngineError(f"a prefill chunk of {chunk_tokens} tokens is below engine.max_num_seqs "
                               f"({cfg.max_num_seqs}): vLLM needs room for one token per running request")
         self.cfg = cfg
+        if long_prompt_step_tokens > cfg.max_model_len:
+            raise EngineError(f"a long prompt's step share of {long_prompt_step_tokens} tokens is above "
+                              f"engine.max_model_len ({cfg.max_model_len})")
         self.chunk_tokens = chunk_tokens  # max_num_batched_tokens (0: vLLM's default)
+        self.long_prompt_step_tokens = long_prompt_step_tokens  # long_prefill_token_threshold (0: none)
         # the notify path is filled in by start(); the rest is the caller's
         self._connector = dict(
             connector.to_mapping() if isinstance(connector, ConnectorConfig) else connector
@@ -130,6 +135,9 @@ class VllmRuntime:
             extra["kv_events_config"] = KVEventsConfig(**self.kv_events_config)
         if self.chunk_tokens:
             extra |= {"max_num_batched_tokens": self.chunk_tokens, "enable_chunked_prefill": True}
+        if self.long_prompt_step_tokens:
+            extra |= {"long_prefill_token_threshold": self.long_prompt_step_tokens,
+                      "enable_chunked_prefill": True}
         args = AsyncEngineArgs(
             model=c.model,
             served_model_name=c.served_model_name or None,
