@@ -17,6 +17,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "sessions": ("kvrelay.loadtest.sessions_bench", "multi-step agents on real engines: KV transfer vs local prefill on the decode worker"),
     "project": ("kvrelay.loadtest.project", "scale projection on simulated GPU clusters (cost model, virtual clock)"),
     "transfer": ("kvrelay.loadtest.bench_transfer", "KV transfer backends between two processes vs a memcpy (--ttft: vLLM split)"),
+    "steps": ("kvrelay.loadtest.bench_steps", "engine decode-step and prefill times per dtype on this CPU (which dtype to serve)"),
     "kernels": ("kvrelay.loadtest.bench_kernels", "KV block gather/scatter kernels vs a memcpy"),
 }
 

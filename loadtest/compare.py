@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -231,7 +232,8 @@ def _fmt(v: Any) -> str:
     return str(v) if not isinstance(v, dict) else (json.dumps(v) if v else "none")
 
 
-def write(report: dict[str, Any], outcomes: list[Outcome], out: Path, plots: bool) -> list[Path]:
+def write(report: dict[str, Any], outcomes: list[Outcome], out: Path, plots: bool,
+          save_records: bool = False) -> list[Path]:
     from kvrelay.loadtest import plots as P
 
     out.mkdir(parents=True, exist_ok=True)
@@ -240,6 +242,10 @@ def write(report: dict[str, Any], outcomes: list[Outcome], out: Path, plots: boo
     paths[0].write_text(json.dumps(report, indent=2) + "\n")
     paths[1].write_text(markdown(report))
     ran = [o for o in outcomes if o.records]
+    if save_records:
+        for o in ran:
+            paths.append(out / f"{stem}_{o.name}_records.jsonl")
+            paths[-1].write_text("".join(json.dumps(dataclasses.asdict(r)) + "\n" for r in o.records))
     if plots and ran:
         c = report["conditions"]
         title = f"{report['preset']}: {c['model']} on {c['cores']} cores"
@@ -251,7 +257,7 @@ def write(report: dict[str, Any], outcomes: list[Outcome], out: Path, plots: boo
 
 
 async def compare(p: Preset, out: Path, log_dir: Path, progress: bool,
-                  quiet: tuple[float, float] | None = None) -> dict[str, Any]:
+                  quiet: tuple[float, float] | None = None, save_records: bool = False) -> dict[str, Any]:
     cond = conditions() | {"preset": p.name, "model": p.engine.model, "cores": p.cores,
                            "workload": p.workload.describe(), "slo": p.slo.to_dict(),
                            "client": "kvrelay bench HTTP client, /v1/completions with token-id prompts, "
@@ -270,7 +276,7 @@ async def compare(p: Preset, out: Path, log_dir: Path, progress: bool,
     cond["wall_s"] = round(time.monotonic() - t0, 1)
     if p.judged and "aggregated" in report and "disaggregated" in report:
         report["verdict"] = verdict(report["aggregated"], report["disaggregated"])
-    report["files"] = [str(x) for x in write(report, outcomes, out, True)]
+    report["files"] = [str(x) for x in write(report, outcomes, out, True, save_records)]
     return report
 
 
@@ -299,6 +305,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--sweep-long-rate", nargs="+", default=None, metavar="R",
                     help="run the comparison once per long-prompt rate R (per second) and write a summary "
                          "across them (compare_<preset>_sweep.*): where disaggregation starts to pay")
+    ap.add_argument("--save-records", action="store_true",
+                    help="also write every request's record (token arrival times) as JSON lines, "
+                         "one file per deployment")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     rates = None
@@ -321,10 +330,11 @@ def main(argv: list[str]) -> int:
     log_dir = args.logs or Path(tempfile.mkdtemp(prefix="kvrelay-compare-"))
     quiet = None if args.wait_quiet is None else (args.wait_quiet, args.wait_quiet_max_s)
     if rates is not None:
-        s = asyncio.run(sweep.sweep(p, rates, args.out, log_dir, not args.no_progress, quiet))
+        s = asyncio.run(sweep.sweep(p, rates, args.out, log_dir, not args.no_progress, quiet,
+                                    args.save_records))
         print(json.dumps(s, indent=2) if args.json else sweep.markdown(s))
         return 1 if any("error" in r[n] for r in s["rows"] for n in p.deployments) else 0
-    report = asyncio.run(compare(p, args.out, log_dir, not args.no_progress, quiet))
+    report = asyncio.run(compare(p, args.out, log_dir, not args.no_progress, quiet, args.save_records))
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -1,7 +1,8 @@
 """``kvrelay bench compare --sweep-long-rate R [R ...]``: where disaggregation starts to pay.
 
 One ``bench compare`` per long-prompt arrival rate R (everything else from the preset), each
-written as its own report (``compare_<preset>_rate_<R>.*``), then one summary across the rates:
+written as its own report (``compare_<preset>_rate_<R>.*``; at the preset's own rate it is the
+preset's report, ``compare_<preset>.*``), then one summary across the rates:
 ``compare_<preset>_sweep.{json,md,png}``. Each row holds both deployments' ITL p50/p99/p99.9,
 TTFT p99 and output tokens/s, the two ratios the target is judged on and its verdict, and the
 offered prefill load (long-prompt tokens arriving per second). The rates run in the order given;
@@ -44,7 +45,10 @@ def row(rate: float, report: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"long_rate": rate, "long_prompt_tokens_per_s": round(rate * (lo + hi) / 2, 1)}
     for name in ("aggregated", "disaggregated"):
         block = report.get(name, {})
-        out[name] = {"error": block["error"][:300]} if "error" in block else {k: block.get(k) for k in ROW_KEYS}
+        if "error" in block:
+            out[name] = {"error": block["error"][:300]}
+        else:
+            out[name] = {k: block.get(k) for k in ROW_KEYS}
         out[name]["long_prompts"] = (block.get("by_kind") or {}).get("long_prompt", {}).get("completed")
     a, d = out["aggregated"], out["disaggregated"]
     if a.get("itl_ms_p99_9") and d.get("itl_ms_p99_9"):
@@ -53,8 +57,10 @@ def row(rate: float, report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def summary(preset: str, description: str, rows: list[dict[str, Any]], cond: dict[str, Any]) -> dict[str, Any]:
-    return {"kind": "kvrelay-bench-compare-sweep", "version": 1, "preset": preset, "description": description,
+def summary(preset: str, description: str, rows: list[dict[str, Any]], cond: dict[str, Any]
+            ) -> dict[str, Any]:
+    return {"kind": "kvrelay-bench-compare-sweep", "version": 1, "preset": preset,
+            "description": description,
             "swept": "long_rate (long prompts per second, Poisson); everything else as the preset",
             "rows": rows, "conditions": cond}
 
@@ -67,8 +73,11 @@ def markdown(s: dict[str, Any]) -> str:
              "ITL p99.9 agg / dis (ms) | TTFT p99 agg / dis (ms) | tok/s agg / dis | ITL p99 ratio | "
              "tput ratio | target |", "|" + "---|" * 10]
     for r in s["rows"]:
-        a, d, v = r["aggregated"], r["disaggregated"], r["verdict"]
-        pair = (lambda k: f"{_f(a.get(k))} / {_f(d.get(k))}")
+        v = r["verdict"]
+
+        def pair(k: str, r: dict[str, Any] = r) -> str:
+            return f"{_f(r['aggregated'].get(k))} / {_f(r['disaggregated'].get(k))}"
+
         met = ("met" if v.get("met") else "NOT met") if v.get("evaluated") else f"- ({v.get('why')})"
         lines.append(f"| {r['long_rate']:g} | {r['long_prompt_tokens_per_s']:g} | {pair('itl_ms_p50')} | "
                      f"{pair('itl_ms_p99')} | {pair('itl_ms_p99_9')} | {pair('ttft_ms_p99')} | "
@@ -91,8 +100,9 @@ def plot(s: dict[str, Any], path: Path) -> Path:
     rates = [r["long_rate"] for r in s["rows"]]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for name, style in (("aggregated", "o-"), ("disaggregated", "s-")):
-        for ax, key, label in ((axes[0], "itl_ms_p99", "ITL p99 (ms)"), (axes[1], "itl_ms_p99_9", "ITL p99.9 (ms)"),
-                               (axes[2], "output_tok_per_s", "output tokens/s")):
+        panels = ((axes[0], "itl_ms_p99", "ITL p99 (ms)"), (axes[1], "itl_ms_p99_9", "ITL p99.9 (ms)"),
+                  (axes[2], "output_tok_per_s", "output tokens/s"))
+        for ax, key, label in panels:
             ax.plot(rates, [r[name].get(key) for r in s["rows"]], style, label=name)
             ax.set_xlabel("long prompts per second")
             ax.set_ylabel(label)
@@ -109,15 +119,17 @@ def plot(s: dict[str, Any], path: Path) -> Path:
 
 
 async def sweep(p: Any, rates: list[float], out: Path, log_dir: Path, progress: bool,
-                quiet: tuple[float, float] | None) -> dict[str, Any]:
+                quiet: tuple[float, float] | None, save_records: bool = False) -> dict[str, Any]:
     """A compare per rate (its own files), then the summary files; the summary."""
     from kvrelay.loadtest.compare import compare
 
     rows, first_cond = [], None
     for rate in rates:
-        q = replace(p, name=f"{p.name}-rate-{rate:g}", workload=replace(p.workload, long_rate=rate),
-                    description=f"{p.description} [sweep point: long prompts at {rate:g}/s instead]")
-        report = await compare(q, out, log_dir / f"rate-{rate:g}", progress, quiet)
+        q = replace(p, workload=replace(p.workload, long_rate=rate))
+        if rate != p.workload.long_rate:  # the preset's own rate is the preset's run, under its name
+            q = replace(q, name=f"{p.name}-rate-{rate:g}",
+                        description=f"{p.description} [sweep point: long prompts at {rate:g}/s instead]")
+        report = await compare(q, out, log_dir / f"rate-{rate:g}", progress, quiet, save_records)
         first_cond = first_cond or report["conditions"]
         rows.append(row(rate, report))
     cond = dict(first_cond or {})
