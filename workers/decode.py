@@ -46,6 +46,7 @@ from kvrelay.workers.pull import (
     DecodeSlots,
     affinity_durable,
     consumer_config,
+    fetch_promptly,
     pull_consumer,
     settle,
 )
@@ -159,7 +160,7 @@ class DecodeService:
             kept, failed = 0, False
             try:
                 try:
-                    msgs = await sub.fetch(n, timeout=c.fetch_timeout_s)
+                    msgs = await fetch_promptly(sub, n, c.fetch_timeout_s)
                 except asyncio.TimeoutError:  # nothing to do
                     msgs = []
                 except FETCH_ERRORS as exc:
