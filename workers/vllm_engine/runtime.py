@@ -82,10 +82,10 @@ class VllmRuntime:
         if 0 < chunk_tokens < cfg.max_num_seqs:
             raise EngineError(f"a prefill chunk of {chunk_tokens} tokens is below engine.max_num_seqs "
                               f"({cfg.max_num_seqs}): vLLM needs room for one token per running request")
-        self.cfg = cfg
         if long_prompt_step_tokens > cfg.max_model_len:
             raise EngineError(f"a long prompt's step share of {long_prompt_step_tokens} tokens is above "
                               f"engine.max_model_len ({cfg.max_model_len})")
+        self.cfg = cfg
         self.chunk_tokens = chunk_tokens  # max_num_batched_tokens (0: vLLM's default)
         self.long_prompt_step_tokens = long_prompt_step_tokens  # long_prefill_token_threshold (0: none)
         # the notify path is filled in by start(); the rest is the caller's
