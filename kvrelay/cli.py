@@ -16,7 +16,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from kvrelay import envs
+from kvrelay.base import envs
 from kvrelay.config import Config, ConfigError, load
 from kvrelay.models import ModelError
 
@@ -73,18 +73,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """The root config: file, then flags, then --set overrides."""
+    """The root config: file, then flags, then --set overrides; model names resolved to folders."""
     values: dict[str, Any] = {}
     if getattr(args, "nats_url", None):
         values.setdefault("bus", {})["url"] = args.nats_url
     if getattr(args, "namespace", None):
         values.setdefault("bus", {})["namespace"] = args.namespace
     if getattr(args, "model", None):
-        from kvrelay.models import resolve
-
-        folder = str(resolve(args.model))
-        values.setdefault("engine", {})["model"] = folder
-        values.setdefault("router", {})["model"] = folder
+        values.setdefault("engine", {})["model"] = args.model
+        values.setdefault("router", {})["model"] = args.model
     if getattr(args, "http_port", None) is not None:
         values.setdefault("router", {})["http_port"] = args.http_port
     if getattr(args, "http_host", None):
@@ -96,7 +93,21 @@ def config_from_args(args: argparse.Namespace) -> Config:
         section = {"router": "router", "prefill": "prefill", "decode": "decode"}[args.command]
         key = "router_id" if section == "router" else "worker_id"
         values.setdefault(section, {})[key] = wid
-    return load(args.config, args.overrides, values)
+    return with_model_folders(load(args.config, args.overrides, values))
+
+
+def with_model_folders(cfg: Config) -> Config:
+    """Model names (``smollm2``, ``tiny``) in ``router.model`` and ``engine.model`` resolved to their
+    prepared folders, and the router's served name filled in: the components take folders only."""
+    from kvrelay.models import resolve, served_name
+
+    router, engine = cfg.router, cfg.engine
+    if router.model:
+        router = router.replace(model=str(resolve(router.model)))
+        router = router.replace(served_model_name=router.served_model_name or served_name(router.model))
+    if engine.model:
+        engine = engine.replace(model=str(resolve(engine.model)))
+    return cfg.replace(router=router, engine=engine)
 
 
 def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
@@ -114,7 +125,7 @@ def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
 
 
 def _component(args: argparse.Namespace) -> None:
-    from kvrelay.logs import setup
+    from kvrelay.base.logs import setup
 
     cfg = config_from_args(args)
     setup(args.command, envs.log_level(), envs.log_format())
@@ -128,7 +139,8 @@ def _component(args: argparse.Namespace) -> None:
         from kvrelay.workers.prefill import serve
     else:
         from kvrelay.workers.decode import serve
-    run_until_signal(lambda stop: serve(cfg, stop))
+    part = cfg.router_process() if args.command == "router" else cfg.worker_process()
+    run_until_signal(lambda stop: serve(part, stop))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return nats_main(host=args.host, port=args.port, store_dir=args.store_dir)
         if args.command == "model":
-            from kvrelay.logs import setup
+            from kvrelay.base.logs import setup
             from kvrelay.models import prepare, resolve
 
             setup("model", envs.log_level(), envs.log_format())  # logs to stderr: stdout is the folder

@@ -12,20 +12,33 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from kvrelay.router.config import RouterConfig
+from kvrelay.router.config import RouterConfig, RouterProcessConfig
 from kvrelay.schemas.errors import ValidationError
+from kvrelay.schemas.hashing import CacheConfig
 from kvrelay.schemas.struct import Struct, typed
 from kvrelay.transport.config import BusConfig
-from kvrelay.workers.config import DecodeConfig, EngineConfig, PrefillConfig
+from kvrelay.workers.config import DecodeConfig, EngineConfig, PrefillConfig, WorkerProcessConfig
 
 
 @typed
 class Config(Struct):
+    """The deployment: shared sections (``bus``, ``cache``) and one section per component."""
+
     bus: BusConfig = BusConfig()
+    cache: CacheConfig = CacheConfig()
     router: RouterConfig = RouterConfig()
     engine: EngineConfig = EngineConfig()
     prefill: PrefillConfig = PrefillConfig()
     decode: DecodeConfig = DecodeConfig()
+
+    def worker_process(self) -> WorkerProcessConfig:
+        """What a worker process is built from (everything but the router's section)."""
+        return WorkerProcessConfig(bus=self.bus, cache=self.cache, engine=self.engine, prefill=self.prefill,
+                            decode=self.decode)
+
+    def router_process(self) -> RouterProcessConfig:
+        """What a router process is built from (everything but the workers' sections)."""
+        return RouterProcessConfig(bus=self.bus, cache=self.cache, router=self.router)
 
 
 class ConfigError(ValueError):

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvrelay import envs
-from kvrelay.logs import get_logger
+from kvrelay.base import envs
+from kvrelay.base.logs import get_logger
 
 log = get_logger(__name__)
 

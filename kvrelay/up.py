@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvrelay import envs
+from kvrelay.base import envs
 from kvrelay.config import Config
 from kvrelay.transport.server import NatsServer, die_with_parent
 

@@ -109,7 +109,7 @@ class EngineSettings:
     def kvrelay_sets(self) -> list[str]:
         sets = [f'engine.dtype="{self.resolved_dtype}"', f"engine.max_model_len={self.max_model_len}",
                 f"engine.max_num_seqs={self.max_num_seqs}", f"engine.kv_cache_gb={self.kv_cache_gb}",
-                f"engine.block_size={self.block_size}", f"engine.seed={self.seed}",
+                f"cache.block_size={self.block_size}", f"engine.seed={self.seed}",
                 # kvrelay's cap on requests a decode worker runs: as many as the engine batches
                 f"decode.max_slots={self.max_num_seqs}"]
         return [x for s in sets for x in ("--set", s)]

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import re
-import socket
 from pathlib import Path
 
-from kvrelay.config import Config
-from kvrelay.logs import get_logger
+from kvrelay.base.ids import component_id
+from kvrelay.base.logs import get_logger
+from kvrelay.base.tasks import cancel_and_wait
+from kvrelay.router.config import RouterProcessConfig
 from kvrelay.router.dispatcher import Dispatcher, Hasher
 from kvrelay.router.http import HttpApi
 from kvrelay.router.intake import Intake
@@ -29,46 +28,21 @@ from kvrelay.transport.discovery import Directory
 log = get_logger(__name__)
 
 
-STOP_WAIT_S = 5.0
-
-
-async def cancel_and_wait(tasks: list[asyncio.Task], attempts: int = 3) -> None:
-    """Cancel ``tasks`` and wait for them to end. A task that swallowed its cancellation (nats-py
-    awaits with ``asyncio.wait_for``, which can drop one on Python 3.11) is cancelled again."""
-    pending = {t for t in tasks if not t.done()}
-    for _ in range(attempts):
-        if not pending:
-            break
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=STOP_WAIT_S)
-    for task in pending:
-        log.error("task_would_not_stop", task=task.get_name())
-    for task in tasks:
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            log.warning("task_failed", task=task.get_name(), error=repr(task.exception()))
-
-
 class RouterStartError(RuntimeError):
     """The router cannot start: no model configured, or its tokenizer cannot be loaded."""
 
 
 def router_id(configured: str) -> str:
-    if configured:
-        return configured
-    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:40] or "host"
-    return f"router-{host}-{os.getpid()}"
+    return configured or component_id("router")
 
 
-async def _model_folder(model: str) -> Path:
+def _model_folder(model: str) -> Path:
     if not model:
         raise RouterStartError("router.model is not set: give --model (smollm2, tiny or a model folder)")
-    from kvrelay.models import ModelError, resolve
-
-    try:
-        return await asyncio.to_thread(resolve, model)
-    except ModelError as exc:
-        raise RouterStartError(str(exc)) from exc
+    folder = Path(model)
+    if not (folder / "config.json").is_file():
+        raise RouterStartError(f"router.model {model!r} is not a model folder (no config.json)")
+    return folder
 
 
 class Router:
@@ -79,7 +53,7 @@ class Router:
     The router does not own a tokenizer it was given.
     """
 
-    def __init__(self, cfg: Config, tokenizer: RouterTokenizer | None = None, policy: Policy | None = None,
+    def __init__(self, cfg: RouterProcessConfig, tokenizer: RouterTokenizer | None = None, policy: Policy | None = None,
                  hasher: Hasher | None = None) -> None:
         self.cfg = cfg
         self.id = router_id(cfg.router.router_id)
@@ -88,7 +62,7 @@ class Router:
         self._own_tokenizer = tokenizer is None
         self.index = None  # the prefix index of the kv_aware policy, fed by KV events
         if policy is None and cfg.router.policy == "kv_aware":
-            policy, hasher, self.index = kv_routing(cfg)
+            policy, hasher, self.index = kv_routing(cfg.router, cfg.cache)
         self.policy = policy or make_policy(cfg.router.policy)
         self.hasher = hasher
         self.kv_events = None
@@ -113,12 +87,9 @@ class Router:
     async def _start(self) -> None:
         rc = self.cfg.router
         if self.tokenizer is None:
-            folder = await _model_folder(rc.model)
-            self.tokenizer = await RouterTokenizer.load(folder)
+            self.tokenizer = await RouterTokenizer.load(_model_folder(rc.model))
         if not self.model_name:
-            from kvrelay.models import served_name
-
-            self.model_name = rc.served_model_name or served_name(self.tokenizer.folder)
+            self.model_name = rc.served_model_name or Path(self.tokenizer.folder).absolute().name
         self.bus = await Bus.connect(self.cfg.bus, self.id)
         if self.index is not None:
             from kvrelay.router.events import KvEventsSubscriber, KvIndexCollector
@@ -185,7 +156,7 @@ class Router:
                 raise RuntimeError(f"router task {task.get_name()} ended: {exc!r}") from exc
 
 
-async def serve(cfg: Config, stop: asyncio.Event) -> None:
+async def serve(cfg: RouterProcessConfig, stop: asyncio.Event) -> None:
     """Run a router until ``stop`` is set."""
     router = Router(cfg)
     await router.start()

@@ -1,10 +1,12 @@
-"""Router configuration."""
+"""Router configuration: the router's section, and what a router process reads."""
 
 from __future__ import annotations
 
 from typing import Literal
 
+from kvrelay.schemas.hashing import CacheConfig
 from kvrelay.schemas.struct import Struct, limit, typed
+from kvrelay.transport.config import BusConfig
 
 
 @typed
@@ -38,8 +40,6 @@ class RouterConfig(Struct):
     # a fetched request not acknowledged in this time is redelivered (router replica died)
     intake_ack_wait_s: float = limit(30.0, min=1.0, max=3600.0)
     default_tenant: str = limit("default", max_len=64)
-    # block hashes are salted per tenant with this server-side secret (cache-timing side channel)
-    tenant_salt_secret: str = limit("", max_len=256)
     # kv_aware policy (router/kv_policy.py): cost = kv_w_prefill * uncached prompt tokens
     # + kv_w_queue * (queued + in-flight prefill tokens) + kv_w_decode * active requests
     kv_w_prefill: float = limit(1.0, min=0.0, max=1e6)
@@ -59,3 +59,14 @@ class RouterConfig(Struct):
     kv_index_max_workers: int = limit(1024, min=1, max=65536)
     # a stale worker's snapshot must arrive within this, or it is asked again
     kv_snapshot_timeout_s: float = limit(5.0, min=0.1, max=600.0)
+
+
+@typed
+class RouterProcessConfig(Struct):
+    """Everything a router process reads: the bus, the deployment's cache contract and the router's
+    section. The root config composes this; a router never sees the engines' sections. ``router.model``
+    is a model folder here (the ``kvrelay`` command resolves names such as ``smollm2``)."""
+
+    bus: BusConfig = BusConfig()
+    cache: CacheConfig = CacheConfig()
+    router: RouterConfig = RouterConfig()

@@ -35,7 +35,8 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from kvrelay.logs import get_logger
+from kvrelay.base.logs import get_logger
+from kvrelay.base.tasks import reraise_swallowed_cancel, wait_event
 from kvrelay.router.config import RouterConfig
 from kvrelay.router.errors import (
     BadRequest,
@@ -62,28 +63,6 @@ from kvrelay.transport.errors import BusTimeout, BusUnavailable
 log = get_logger(__name__)
 
 Hasher = Callable[[Sequence[int], str], Sequence[int]]
-
-
-async def wait_event(event: asyncio.Event, timeout: float) -> bool:
-    """Wait for ``event`` at most ``timeout`` s; True when set.
-
-    Unlike ``asyncio.wait_for`` on Python 3.11, a cancellation that lands as the event is set
-    is never swallowed (a disconnected client's request would otherwise run on).
-    """
-    waiter = asyncio.ensure_future(event.wait())
-    try:
-        done, _ = await asyncio.wait({waiter}, timeout=timeout)
-    finally:
-        waiter.cancel()
-    return bool(done)
-
-
-def reraise_swallowed_cancel() -> None:
-    """nats-py awaits replies with ``asyncio.wait_for``, which on Python 3.11 drops a cancellation
-    that arrives with the reply; the task still counts it as requested: deliver it."""
-    task = asyncio.current_task()
-    if task is not None and getattr(task, "cancelling", lambda: 0)() > 0:
-        raise asyncio.CancelledError()
 
 
 class Dispatcher:

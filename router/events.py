@@ -22,7 +22,7 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from kvrelay.logs import get_logger
+from kvrelay.base.logs import get_logger
 from kvrelay.router.index import PrefixIndex
 from kvrelay.schemas.codec import decode, encode
 from kvrelay.schemas.errors import SchemaError

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from kvrelay.logs import bound, get_logger
+from kvrelay.base.logs import bound, get_logger
 from kvrelay.router.config import RouterConfig
 from kvrelay.router.dispatcher import Dispatcher, Flight
 from kvrelay.router.errors import BadRequest, ModelNotFound, PayloadTooLarge, RouterError

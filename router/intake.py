@@ -29,9 +29,10 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from kvrelay.logs import bound, get_logger
+from kvrelay.base.logs import bound, get_logger
+from kvrelay.base.tasks import reraise_swallowed_cancel
 from kvrelay.router.config import RouterConfig
-from kvrelay.router.dispatcher import Dispatcher, Flight, reraise_swallowed_cancel
+from kvrelay.router.dispatcher import Dispatcher, Flight
 from kvrelay.router.errors import (
     BadRequest,
     DeadlineExceeded,

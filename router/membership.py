@@ -23,7 +23,7 @@ import asyncio
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from kvrelay.logs import get_logger
+from kvrelay.base.logs import get_logger
 
 log = get_logger(__name__)
 

@@ -11,8 +11,10 @@ import importlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from kvrelay.logs import get_logger
+from kvrelay.base.logs import get_logger
+from kvrelay.router.config import RouterConfig
 from kvrelay.router.policy import LeastLoaded, Policy, RoundRobin
+from kvrelay.schemas.hashing import CacheConfig
 
 log = get_logger(__name__)
 
@@ -47,18 +49,15 @@ def needs_hashes(policy: Policy) -> bool:
     return bool(getattr(policy, "needs_hashes", False))
 
 
-def kv_routing(cfg: Any) -> tuple[Policy, Callable[[Sequence[int], str], list[int]], Any]:
-    """The ``kv_aware`` policy wired from the root config: ``(policy, hasher, prefix index)``.
+def kv_routing(rc: RouterConfig, cache: CacheConfig) -> tuple[Policy, Callable[[Sequence[int], str], list[int]], Any]:
+    """The ``kv_aware`` policy wired from the router's section: ``(policy, hasher, prefix index)``.
 
-    Block hashes use the engine's block size and hash seed, salted per tenant with the router's
-    ``tenant_salt_secret`` exactly as the workers salt theirs (no secret: by the tenant's name alone). The caller
-    feeds the index with ``router.events.KvEventsSubscriber``.
+    Block hashes follow the deployment's cache contract (block size, hash seed, tenant salt secret),
+    exactly as the workers hash theirs. The caller feeds the index with ``router.events.KvEventsSubscriber``.
     """
     from kvrelay.router.index import PrefixIndex
-    from kvrelay.schemas.hashing import HashSpec, tenant_salt
 
-    rc = cfg.router
-    spec = HashSpec(cfg.engine.block_size, cfg.engine.hash_seed)
+    spec = cache.spec
     index = PrefixIndex(spec.fingerprint, max_blocks=rc.kv_index_max_blocks, max_workers=rc.kv_index_max_workers)
     if index.impl == "native":
         log.info("kv_index", impl=index.impl, max_blocks=index.max_blocks)
@@ -69,9 +68,7 @@ def kv_routing(cfg: Any) -> tuple[Policy, Callable[[Sequence[int], str], list[in
     policy = make_policy("kv_aware", index=index, block_size=spec.block_size, w_prefill=rc.kv_w_prefill,
                          w_queue=rc.kv_w_queue, w_decode=rc.kv_w_decode, temperature=rc.kv_temperature,
                          max_fallbacks=rc.kv_max_fallbacks, local_threshold_tokens=rc.kv_local_threshold_tokens)
-    secret = rc.tenant_salt_secret
-
     def hasher(token_ids: Sequence[int], tenant: str) -> list[int]:
-        return spec.hashes(token_ids, tenant_salt(secret, tenant))
+        return spec.hashes(token_ids, cache.salt(tenant))
 
     return policy, hasher, index

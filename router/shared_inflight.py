@@ -32,7 +32,7 @@ from typing import Literal
 import nats.errors
 from nats.aio.msg import Msg
 
-from kvrelay.logs import get_logger
+from kvrelay.base.logs import get_logger
 from kvrelay.router.inflight import InflightTable
 from kvrelay.schemas.codec import Message, decode, message
 from kvrelay.schemas.errors import SchemaError

@@ -18,7 +18,7 @@ configuration visible instead of silently missing:
 The secret is server-side (router config); a tenant cannot compute another tenant's root, so
 its prompts never produce another tenant's hashes. Without a secret (an empty key) the salt is
 still per tenant, so tenants never share hashes, but anyone who knows a tenant's name can
-compute its root: set ``router.tenant_salt_secret`` in production. ``HashSpec.fingerprint`` (algorithm, block
+compute its root: set ``cache.tenant_salt_secret`` in production. ``HashSpec.fingerprint`` (algorithm, block
 size, seed digest) is compared when a worker registers: a mismatch is an error, never a 0 % hit
 rate. XXH64 is not a MAC; the secrecy of the root is what separates tenants, and a collision
 inside one tenant costs at worst one suboptimal routing decision (engines check their own KV).
@@ -42,6 +42,7 @@ from sys import byteorder
 from xxhash import xxh64_intdigest
 
 from kvrelay.schemas.errors import SchemaError, ValidationError
+from kvrelay.schemas.struct import Struct, limit, typed
 
 try:
     from kvrelay.schemas import _chainhash as _native
@@ -198,3 +199,27 @@ class HashSpec:
 
     def extend(self, token_ids: Sequence[int], prev: Sequence[int], salt: bytes = b"") -> list[int]:
         return extend_block_hashes(token_ids, self.block_size, self.root(salt), prev)
+
+
+@typed
+class CacheConfig(Struct):
+    """The prefix-cache contract every router and worker of a deployment shares (config ``cache``).
+
+    ``block_size`` is both the hashing block and the engines' KV page size; ``hash_seed`` salts
+    every chain root; ``tenant_salt_secret`` keys each tenant's salt (server-side, never sent).
+    A router and a worker that differ in the first two see different fingerprints (refused and
+    counted); a different secret makes their hashes differ silently, so give every component the
+    same config file.
+    """
+
+    block_size: int = limit(32, min=1, max=MAX_BLOCK_SIZE)  # vLLM's CPU attention needs a multiple of 32
+    hash_seed: str = limit("kvrelay-v1", max_len=64)
+    tenant_salt_secret: str = limit("", max_len=256)
+
+    @property
+    def spec(self) -> HashSpec:
+        return HashSpec(self.block_size, self.hash_seed)
+
+    def salt(self, tenant: str) -> bytes:
+        """The tenant's salt under this deployment's secret."""
+        return tenant_salt(self.tenant_salt_secret, tenant)

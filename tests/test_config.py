@@ -13,7 +13,7 @@ def test_config_defaults_are_valid() -> None:
     cfg = load()
     assert isinstance(cfg, Config)
     assert cfg.bus.prefilled.discard == "new"
-    assert cfg.engine.block_size % 32 == 0
+    assert cfg.cache.block_size % 32 == 0
 
 
 def test_config_file_and_overrides_compose(tmp_path) -> None:

@@ -180,7 +180,8 @@ def test_prepare_tiny_rebuilds_stale_recipe_version_identically(
 QUICK_RECIPE = """
 import sys, time
 from pathlib import Path
-from kvrelay import logs, models
+from kvrelay import models
+from kvrelay.base import logs
 
 def build(out):
     log = Path(sys.argv[1])

@@ -61,7 +61,7 @@ class Bus:
     @classmethod
     async def connect(cls, cfg: BusConfig, name: str) -> Bus:
         async def on_error(exc: Exception) -> None:
-            from kvrelay.logs import get_logger
+            from kvrelay.base.logs import get_logger
 
             get_logger(__name__).warning("nats_error", error=repr(exc))
 

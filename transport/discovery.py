@@ -15,7 +15,7 @@ import nats.errors
 import nats.js.errors
 from nats.js.kv import KeyValue
 
-from kvrelay.logs import get_logger
+from kvrelay.base.logs import get_logger
 from kvrelay.schemas.codec import decode, encode
 from kvrelay.schemas.errors import SchemaError
 from kvrelay.schemas.messages import WorkerInfo

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from nats.aio.msg import Msg
 
-from kvrelay.logs import get_logger
+from kvrelay.base.logs import get_logger
 from kvrelay.schemas.codec import decode, encode
 from kvrelay.schemas.errors import SchemaError
 from kvrelay.schemas.kv_events import KvEvent, KvEventBatch, KvSnapshotRequest, snapshot_chunks

@@ -152,7 +152,7 @@ class NatsServer:
 
 def main(host: str = "127.0.0.1", port: int = 4222, store_dir: str | None = None) -> int:
     """``kvrelay nats``: run until SIGINT/SIGTERM."""
-    from kvrelay import envs
+    from kvrelay.base import envs
 
     server = NatsServer(host=host, port=port, store_dir=store_dir or str(envs.run_dir() / "nats"))
     server._own_store = False

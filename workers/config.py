@@ -1,11 +1,13 @@
-"""Worker configuration: the engine, the prefill side and the decode side."""
+"""Worker configuration: the engine, the prefill side, the decode side, and what a worker process reads."""
 
 from __future__ import annotations
 
 from typing import Literal
 
 from kvrelay.schemas.errors import ValidationError
+from kvrelay.schemas.hashing import CacheConfig
 from kvrelay.schemas.struct import Struct, limit, typed
+from kvrelay.transport.config import BusConfig
 from kvrelay.workers.cpus import parse_cpu_list
 
 
@@ -16,8 +18,6 @@ class EngineConfig(Struct):
     kind: Literal["vllm", "sim"] = "vllm"
     model: str = limit("", max_len=4096)
     served_model_name: str = limit("", max_len=256)
-    # vLLM's CPU attention needs a multiple of 32
-    block_size: int = limit(32, min=1, max=1024)
     max_model_len: int = limit(4096, min=16, max=1 << 20)
     max_num_seqs: int = limit(16, min=1, max=4096)
     kv_cache_gb: float = limit(1.0, min=0.05, max=4096.0)
@@ -25,8 +25,6 @@ class EngineConfig(Struct):
     enforce_eager: bool = True
     seed: int = limit(0, min=0)
     enable_prefix_caching: bool = True
-    # salt of the block hashes (a mismatch between workers and router is reported, never silent)
-    hash_seed: str = limit("kvrelay-v1", max_len=64)
     startup_timeout_s: float = limit(600.0, min=1.0)
     # CPU cores the engine's compute threads are bound to (vLLM CPU: VLLM_CPU_OMP_THREADS_BIND),
     # e.g. "0", "1-3"; "" leaves vLLM's automatic binding; "nobind" disables binding
@@ -104,3 +102,17 @@ class DecodeConfig(Struct):
 
     def validate(self) -> None:
         parse_cpu_list(self.kv_load_cpus, "decode.kv_load_cpus")
+
+
+@typed
+class WorkerProcessConfig(Struct):
+    """Everything a worker process reads: the bus, the deployment's cache contract, its engine and
+    both roles' sections (a process serves one of them). The root config composes this; a worker
+    never sees the router's section."""
+
+    bus: BusConfig = BusConfig()
+    cache: CacheConfig = CacheConfig()
+    engine: EngineConfig = EngineConfig()
+    prefill: PrefillConfig = PrefillConfig()
+    decode: DecodeConfig = DecodeConfig()
+

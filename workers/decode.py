@@ -24,11 +24,13 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from nats.aio.msg import Msg
 
-from kvrelay.logs import bound, get_logger
+from kvrelay.base.ids import now_ms, remaining_s
+from kvrelay.base.logs import bound, get_logger
+from kvrelay.base.tasks import TaskOwner
 from kvrelay.schemas.codec import decode
 from kvrelay.schemas.messages import Cancel, LeaseRelease, PrefillDone, Usage, WorkerInfo
 from kvrelay.transport.bus import Bus
@@ -36,6 +38,7 @@ from kvrelay.transport.discovery import Announcer
 from kvrelay.transport.errors import TransportError
 from kvrelay.transport.subjects import check_subject, check_token
 from kvrelay.workers import metrics as m
+from kvrelay.workers.config import WorkerProcessConfig
 from kvrelay.workers.engine import DecodeEngine, TokenDelta
 from kvrelay.workers.errors import EngineError
 from kvrelay.workers.local_prefill import LocalPrefills
@@ -52,20 +55,14 @@ from kvrelay.workers.pull import (
 )
 from kvrelay.workers.service import (
     RecentIds,
-    TaskOwner,
     emit,
     engine_failed,
     error_chunk,
     heartbeat,
-    now_ms,
-    remaining_s,
     run_worker,
     token_chunk,
     worker_id,
 )
-
-if TYPE_CHECKING:
-    from kvrelay.config import Config
 
 log = get_logger(__name__)
 
@@ -88,7 +85,7 @@ class Active:
 class DecodeService:
     """One decode worker's state and bus handlers. ``start()``, then ``shutdown()``."""
 
-    def __init__(self, cfg: Config, engine: DecodeEngine, bus: Bus, wid: str) -> None:
+    def __init__(self, cfg: WorkerProcessConfig, engine: DecodeEngine, bus: Bus, wid: str) -> None:
         self.cfg = cfg.decode
         self.engine = engine
         self.bus = bus
@@ -398,7 +395,7 @@ async def _next(agen: Any) -> TokenDelta | None:
         return None
 
 
-async def serve(cfg: Config, stop: asyncio.Event, engine: DecodeEngine | None = None) -> None:
+async def serve(cfg: WorkerProcessConfig, stop: asyncio.Event, engine: DecodeEngine | None = None) -> None:
     """Run a decode worker until ``stop`` is set; raises ``EngineDead`` if the engine dies."""
     wid = worker_id(cfg.decode.worker_id)
     if engine is None:

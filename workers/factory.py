@@ -1,77 +1,62 @@
-"""Build the engine a worker runs from ``cfg.engine.kind``; engine modules are imported lazily.
+"""Build the engine a worker runs from ``engine.kind``; each engine package is imported only when used.
 
-    "vllm" -> kvrelay.workers.vllm_engine: VllmPrefillEngine(engine_cfg, prefill_cfg),
-                                           VllmDecodeEngine(engine_cfg, decode_cfg)
-    "sim"  -> kvrelay.workers.sim:         SimPrefillEngine(engine_cfg, prefill_cfg),
-                                           SimDecodeEngine(engine_cfg, decode_cfg)
+Every engine class takes the same arguments: ``(engine_cfg, role_cfg, cache, worker_id=...)``,
+where ``role_cfg`` is the ``PrefillConfig`` or ``DecodeConfig`` and ``cache`` the deployment's
+cache contract (block size, hash seed, tenant salt secret: routers and workers must name blocks
+alike). After connecting, the services call ``engine.attach_bus(bus, worker_id)`` when an engine
+has it (before ``start``), so an engine can publish its KV events on the bus.
 
-A constructor that takes a ``worker_id`` keyword gets the worker's id. Every engine gets the
-tenant salt secret of the root config, ``router.tenant_salt_secret`` (one secret for the whole
-deployment: routers and workers must name blocks alike): as a ``salt_secret`` keyword when the
-constructor takes one (simulated engines), else set on the engine's ``salt_secret`` attribute
-(vLLM engines read it when they start publishing KV events). After connecting, the
-services call ``engine.attach_bus(bus, worker_id)`` when an engine has it (before ``start``), so
-an engine can publish its KV events on the bus.
+To add an engine kind: write its two classes, add a loader below, and add the name to
+``EngineConfig.kind``.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
+from kvrelay.workers.config import WorkerProcessConfig
 from kvrelay.workers.engine import DecodeEngine, PrefillEngine
 from kvrelay.workers.errors import WorkerError
 
-if TYPE_CHECKING:
-    from kvrelay.config import Config
-
-_MODULES = {"vllm": ("kvrelay.workers.vllm_engine", "Vllm"), "sim": ("kvrelay.workers.sim", "Sim")}
-
 
 class EngineUnavailable(WorkerError):
-    """The configured engine kind cannot be built here (module or class missing)."""
+    """The configured engine kind cannot be built here (its package cannot be imported)."""
 
     code = "engine_unavailable"
 
 
-def _engine_class(kind: str, role: str) -> Any:
-    if kind not in _MODULES:
-        raise EngineUnavailable(f"unknown engine kind {kind!r} (expected one of {sorted(_MODULES)})")
-    module_name, prefix = _MODULES[kind]
-    class_name = f"{prefix}{role}Engine"
+def _vllm() -> tuple[type, type]:
+    from kvrelay.workers.vllm_engine import VllmDecodeEngine, VllmPrefillEngine
+
+    return VllmPrefillEngine, VllmDecodeEngine
+
+
+def _sim() -> tuple[type, type]:
+    from kvrelay.workers.sim import SimDecodeEngine, SimPrefillEngine
+
+    return SimPrefillEngine, SimDecodeEngine
+
+
+ENGINES: dict[str, Callable[[], tuple[type, type]]] = {"vllm": _vllm, "sim": _sim}
+"""Engine kind -> a loader returning its (prefill, decode) classes."""
+
+
+def _classes(kind: str) -> tuple[type, type]:
+    loader = ENGINES.get(kind)
+    if loader is None:
+        raise EngineUnavailable(f"unknown engine kind {kind!r} (expected one of {sorted(ENGINES)})")
     try:
-        module = importlib.import_module(module_name)
+        return loader()
     except ImportError as exc:
-        raise EngineUnavailable(f"engine {kind!r}: cannot import {module_name}: {exc}") from exc
-    cls = getattr(module, class_name, None)
-    if cls is None:
-        raise EngineUnavailable(f"engine {kind!r} is not available yet: {module_name} has no {class_name}")
-    return cls
+        raise EngineUnavailable(f"engine {kind!r} cannot be imported here: {exc}") from exc
 
 
-def _build(cls: Any, engine_cfg: Any, role_cfg: Any, worker_id: str, salt_secret: str) -> Any:
-    params = inspect.signature(cls).parameters
-    kwargs: dict[str, Any] = {}
-    # engines that name their exports / KV events after the worker take its id
-    if worker_id and "worker_id" in params:
-        kwargs["worker_id"] = worker_id
-    if salt_secret and "salt_secret" in params:
-        kwargs["salt_secret"] = salt_secret
-    engine = cls(engine_cfg, role_cfg, **kwargs)
-    if salt_secret and "salt_secret" not in kwargs:
-        if not hasattr(engine, "salt_secret"):
-            raise EngineUnavailable(f"{cls.__name__} cannot salt block hashes "
-                                    f"(router.tenant_salt_secret is set)")
-        engine.salt_secret = salt_secret
-    return engine
+def prefill_engine(cfg: WorkerProcessConfig, worker_id: str = "") -> PrefillEngine:
+    cls: Any = _classes(cfg.engine.kind)[0]
+    return cls(cfg.engine, cfg.prefill, cfg.cache, worker_id=worker_id)
 
 
-def prefill_engine(cfg: Config, worker_id: str = "") -> PrefillEngine:
-    return _build(_engine_class(cfg.engine.kind, "Prefill"), cfg.engine, cfg.prefill, worker_id,
-                  cfg.router.tenant_salt_secret)
-
-
-def decode_engine(cfg: Config, worker_id: str = "") -> DecodeEngine:
-    return _build(_engine_class(cfg.engine.kind, "Decode"), cfg.engine, cfg.decode, worker_id,
-                  cfg.router.tenant_salt_secret)
+def decode_engine(cfg: WorkerProcessConfig, worker_id: str = "") -> DecodeEngine:
+    cls: Any = _classes(cfg.engine.kind)[1]
+    return cls(cfg.engine, cfg.decode, cfg.cache, worker_id=worker_id)

@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 from nats.aio.msg import Msg
 from prometheus_client import Counter
 
-from kvrelay.logs import bound, get_logger
+from kvrelay.base.ids import now_ms, remaining_s
+from kvrelay.base.logs import bound, get_logger
 from kvrelay.schemas.codec import decode
 from kvrelay.schemas.messages import DispatchReply, PrefillTask, Usage
 from kvrelay.transport.errors import TransportError
@@ -39,7 +40,7 @@ from kvrelay.transport.subjects import check_subject, check_token
 from kvrelay.workers import metrics as m
 from kvrelay.workers.engine import TokenDelta
 from kvrelay.workers.errors import EngineError
-from kvrelay.workers.service import emit, engine_failed, error_chunk, now_ms, remaining_s, token_chunk
+from kvrelay.workers.service import emit, engine_failed, error_chunk, token_chunk
 
 if TYPE_CHECKING:
     from kvrelay.workers.decode import DecodeService

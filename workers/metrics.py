@@ -10,7 +10,7 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
-from kvrelay.logs import get_logger
+from kvrelay.base.logs import get_logger
 
 log = get_logger(__name__)
 

@@ -19,11 +19,12 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from nats.aio.msg import Msg
 
-from kvrelay.logs import bound, get_logger
+from kvrelay.base.ids import now_ms, remaining_s
+from kvrelay.base.logs import bound, get_logger
+from kvrelay.base.tasks import TaskOwner
 from kvrelay.schemas.codec import decode
 from kvrelay.schemas.messages import (
     Cancel,
@@ -39,24 +40,19 @@ from kvrelay.transport.discovery import Announcer
 from kvrelay.transport.errors import Backpressure, BusTimeout, TransportError
 from kvrelay.transport.subjects import check_subject, check_token
 from kvrelay.workers import metrics as m
+from kvrelay.workers.config import WorkerProcessConfig
 from kvrelay.workers.engine import PrefillEngine, PrefillOutput
 from kvrelay.workers.errors import EngineDead, ExportFull
 from kvrelay.workers.metrics import MetricsServer
 from kvrelay.workers.prefill_queue import PrefillQueue, Queued
 from kvrelay.workers.service import (
-    TaskOwner,
     emit,
     error_chunk,
     heartbeat,
-    now_ms,
-    remaining_s,
     run_worker,
     token_chunk,
     worker_id,
 )
-
-if TYPE_CHECKING:
-    from kvrelay.config import Config
 
 log = get_logger(__name__)
 
@@ -70,7 +66,7 @@ class Running:
 class PrefillService:
     """One prefill worker's state and bus handlers. ``start()``, then ``shutdown()``."""
 
-    def __init__(self, cfg: Config, engine: PrefillEngine, bus: Bus, wid: str) -> None:
+    def __init__(self, cfg: WorkerProcessConfig, engine: PrefillEngine, bus: Bus, wid: str) -> None:
         self.cfg = cfg.prefill
         self.engine = engine
         self.bus = bus
@@ -372,7 +368,7 @@ class PrefillService:
         m.PREFILL_RUNNING.set(len(self.running))
 
 
-async def serve(cfg: Config, stop: asyncio.Event, engine: PrefillEngine | None = None) -> None:
+async def serve(cfg: WorkerProcessConfig, stop: asyncio.Event, engine: PrefillEngine | None = None) -> None:
     """Run a prefill worker until ``stop`` is set; raises ``EngineDead`` if the engine dies."""
     wid = worker_id(cfg.prefill.worker_id)
     if engine is None:

@@ -20,7 +20,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 
-from kvrelay.logs import get_logger
+from kvrelay.base.logs import get_logger
 from kvrelay.transport.bus import Bus
 from kvrelay.transport.errors import BusUnavailable
 from kvrelay.workers.config import DecodeConfig

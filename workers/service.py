@@ -5,15 +5,13 @@ token-chunk builders and a guarded publish.
 from __future__ import annotations
 
 import asyncio
-import os
-import re
-import socket
-import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from kvrelay.logs import get_logger
+from kvrelay.base.ids import component_id, now_ms
+from kvrelay.base.logs import get_logger
+from kvrelay.base.tasks import TaskOwner
 from kvrelay.schemas.codec import Message
 from kvrelay.schemas.messages import ErrorInfo, FinishReason, TokenChunk, Usage
 from kvrelay.transport.bus import Bus
@@ -25,80 +23,9 @@ from kvrelay.workers.errors import EngineDead
 
 log = get_logger(__name__)
 
-_NOT_TOKEN = re.compile(r"[^A-Za-z0-9_-]+")
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 def worker_id(configured: str) -> str:
     """The configured id (validated as a subject token), else ``<hostname>-<pid>`` made into one."""
-    if configured:
-        return check_token(configured, "worker id")
-    host = _NOT_TOKEN.sub("-", socket.gethostname()).strip("-") or "host"
-    suffix = f"-{os.getpid()}"
-    return host[: 64 - len(suffix)] + suffix
-
-
-def remaining_s(deadline_ms: int) -> float | None:
-    """Seconds left before ``deadline_ms``; None when there is no deadline (0)."""
-    if deadline_ms <= 0:
-        return None
-    return (deadline_ms - now_ms()) / 1000.0
-
-
-RECANCEL_S = 2.0  # TaskOwner.close: how long a cancelled task may take before it is cancelled again
-
-
-class TaskOwner:
-    """Owns background tasks: ``spawn`` tracks them, ``close`` cancels and awaits every one.
-
-    Finished tasks leave the set at once, so it holds only live tasks (bounded by what the
-    owner starts: the services bound their own concurrency). A task that failed is logged.
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-    def __len__(self) -> int:
-        return len(self._tasks)
-
-    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro, name=f"{self.name}:{name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-        return task
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("task_failed", task=task.get_name(), error=repr(task.exception()))
-
-    async def wait(self, tasks: set[asyncio.Task[Any]], timeout: float) -> bool:
-        """Wait (bounded) for ``tasks`` to finish on their own; True if they all did."""
-        if not tasks:
-            return True
-        _, pending = await asyncio.wait(tasks, timeout=timeout)
-        return not pending
-
-    async def close(self, timeout: float = 10.0) -> None:
-        """Cancel every task and wait for them (at most ``timeout``; stragglers are logged).
-
-        A task still running ``RECANCEL_S`` after its cancel is cancelled again: on Python < 3.12
-        ``asyncio.wait_for`` can swallow a cancel that lands as its inner call completes."""
-        pending = set(self._tasks)
-        deadline = time.monotonic() + timeout
-        while pending:
-            for t in pending:
-                t.cancel()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            _, pending = await asyncio.wait(pending, timeout=min(left, RECANCEL_S))
-        for t in pending:
-            log.error("task_did_not_stop", task=t.get_name())
+    return check_token(configured, "worker id") if configured else component_id()
 
 
 class RecentIds:

@@ -112,7 +112,8 @@ async def test_router_restart_rebuilds_index_and_keeps_routing_by_prefix(nats_se
     # workers for snapshots for what it dropped (a late first event id)
     events = {"max_msgs": 4, "max_bytes": 1 << 20, "max_age_s": 600.0, "discard": "old", "storage": "memory"}
     cfg = {"bus": {"url": nats_server.url, "namespace": f"rr{os.getpid()}", "kv_events": events},
-           "engine": {"kind": "sim", "block_size": BS, "sim_time_scale": 0.05, "sim_num_blocks": 4096,
+           "cache": {"block_size": BS},
+           "engine": {"kind": "sim", "sim_time_scale": 0.05, "sim_num_blocks": 4096,
                       "served_model_name": "kvrelay-tiny"},
            "router": {"policy": "kv_aware", "model": "tiny", "served_model_name": "kvrelay-tiny",
                       "http_port": port, "kv_w_queue": 0.01, "kv_w_decode": 0.0}}

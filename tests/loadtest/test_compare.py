@@ -81,7 +81,7 @@ def test_engine_settings_same_on_both_sides() -> None:
     assert v[v.index("--dtype") + 1] == "float32" and 'engine.dtype="float32"' in k
     assert v[v.index("--max-num-seqs") + 1] == "16" and "engine.max_num_seqs=16" in k
     assert v[v.index("--kv-cache-memory-bytes") + 1] == str(1 << 30) and "engine.kv_cache_gb=1.0" in k
-    assert v[v.index("--block-size") + 1] == "32" and "engine.block_size=32" in k
+    assert v[v.index("--block-size") + 1] == "32" and "cache.block_size=32" in k
 
 
 def test_engine_settings_auto_dtype_is_resolved_once_for_both_sides(monkeypatch: pytest.MonkeyPatch) -> None:

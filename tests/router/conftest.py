@@ -17,10 +17,10 @@ import nats.errors
 import pytest
 
 from kvrelay import models
-from kvrelay.config import Config
 from kvrelay.router import index as index_mod
 from kvrelay.router.app import Router
-from kvrelay.router.config import RouterConfig
+from kvrelay.router.config import RouterConfig, RouterProcessConfig
+from kvrelay.schemas.hashing import CacheConfig
 from kvrelay.router.tokenizer import RouterTokenizer
 from kvrelay.schemas.codec import decode
 from kvrelay.schemas.messages import Cancel, DispatchReply, ErrorInfo, PrefillTask, TokenChunk, Usage, WorkerInfo
@@ -196,10 +196,11 @@ class Cluster:
         return bus
 
     async def router(self, policy=None, bus_config: BusConfig | None = None, hasher=None,
-                     policy_name: str = "least_loaded", **router_cfg) -> Router:
+                     policy_name: str = "least_loaded", cache: CacheConfig = CacheConfig(),
+                     **router_cfg) -> Router:
         rc = RouterConfig(http_port=0, model=str(self.tokenizer.folder), policy=policy_name, **router_cfg)
-        router = Router(Config(bus=bus_config or self.bus_config, router=rc), tokenizer=self.tokenizer,
-                        policy=policy, hasher=hasher)
+        cfg = RouterProcessConfig(bus=bus_config or self.bus_config, cache=cache, router=rc)
+        router = Router(cfg, tokenizer=self.tokenizer, policy=policy, hasher=hasher)
         self.routers.append(router)
         await router.start()
         return router

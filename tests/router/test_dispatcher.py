@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from kvrelay.router.dispatcher import wait_event
 from kvrelay.router.errors import BadRequest, DeadlineExceeded, NoWorkersAvailable
 from kvrelay.router.policy import RoundRobin, RouteRequest, RouteResult
 from kvrelay.schemas.messages import SamplingSpec
@@ -124,20 +123,6 @@ async def test_dispatcher_deadline_before_dispatch_and_duplicate_ids(cluster: Cl
         await flight.next_chunk()
     await flight.close()
     assert len(d.table) == 0
-
-
-async def test_wait_event_returns_on_set_or_timeout_and_never_eats_a_cancel() -> None:
-    ev = asyncio.Event()
-    assert not await wait_event(ev, 0.01)
-    ev.set()
-    assert await wait_event(ev, 1)
-    ev.clear()
-    waiter = asyncio.create_task(wait_event(ev, 5))
-    await asyncio.sleep(0)
-    ev.set()
-    waiter.cancel()  # cancelled in the same loop turn as the event is set
-    with pytest.raises(asyncio.CancelledError):
-        await waiter
 
 
 async def test_dispatcher_kv_aware_routes_to_the_worker_holding_the_prefix(cluster: Cluster) -> None:

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from kvrelay.config import Config
+from kvrelay.schemas.hashing import CacheConfig
 from kvrelay.schemas.messages import Cancel, DispatchReply, PrefillTask, SamplingSpec
 from kvrelay.workers import decode as decode_worker
 from kvrelay.workers import prefill as prefill_worker
@@ -45,8 +46,8 @@ class Workers:
     def config(self, time_scale: float, **decode: Any) -> Config:
         return Config.from_mapping({
             "bus": self.cluster.bus_config.to_mapping(),
-            "router": {"tenant_salt_secret": SECRET},
-            "engine": {"kind": "sim", "block_size": 32, "sim_time_scale": time_scale, "sim_num_blocks": 1024},
+            "cache": {"tenant_salt_secret": SECRET, "block_size": 32},
+            "engine": {"kind": "sim", "sim_time_scale": time_scale, "sim_num_blocks": 1024},
             "prefill": {"lease_check_s": 0.05, "drain_timeout_s": 0.5},
             "decode": {"fetch_timeout_s": 0.2, "drain_timeout_s": 0.5, **decode},
         })
@@ -93,7 +94,7 @@ def _sample(router, name: str, **labels: str) -> float:
 
 async def _router(cluster: Cluster):
     return await cluster.router(policy_name="kv_aware", kv_local_threshold_tokens=64,
-                                tenant_salt_secret=SECRET)
+                                cache=CacheConfig(tenant_salt_secret=SECRET))
 
 
 async def test_local_prefill_agent_step_2_runs_on_step_1s_decode_worker(cluster: Cluster, workers) -> None:

@@ -40,8 +40,8 @@ async def bus(kv_config: BusConfig) -> AsyncIterator[Bus]:
 
 def _cfg(bus_config: BusConfig, time_scale: float = 0.0, **decode) -> Config:
     cfg = config(bus_config, decode=decode)
-    engine = {"kind": "sim", "block_size": 32, "sim_time_scale": time_scale, "sim_num_blocks": 512}
-    return Config.from_mapping({**cfg.to_mapping(), "engine": engine})
+    engine = {"kind": "sim", "sim_time_scale": time_scale, "sim_num_blocks": 512}
+    return Config.from_mapping({**cfg.to_mapping(), "engine": engine, "cache": {"block_size": 32}})
 
 
 def _task(rid: str, prompt: list[int], ns: str, max_tokens: int = 5, deadline_s: float = 60.0,

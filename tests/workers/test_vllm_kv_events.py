@@ -12,7 +12,7 @@ import pytest_asyncio
 
 from kvrelay import models
 from kvrelay.config import Config
-from kvrelay.router.config import RouterConfig
+from kvrelay.schemas.hashing import CacheConfig
 from kvrelay.router.events import KvEventsSubscriber
 from kvrelay.router.policy_factory import kv_routing
 from kvrelay.schemas.messages import PrefillDone, PrefillTask, SamplingSpec
@@ -40,7 +40,7 @@ def engine_cfg() -> EngineConfig:
 
 @pytest.fixture(scope="module")
 def cfg(engine_cfg: EngineConfig) -> Config:
-    return Config(engine=engine_cfg, router=RouterConfig(tenant_salt_secret=SECRET))
+    return Config(engine=engine_cfg, cache=CacheConfig(tenant_salt_secret=SECRET))
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -49,12 +49,11 @@ async def deployed(nats_server, engine_cfg: EngineConfig, cfg: Config):
                         kv_events=StreamLimits(max_msgs=10_000, max_bytes=8 << 20, max_age_s=300.0,
                                                discard="old", storage="memory"))
     bus = await Bus.connect(bus_cfg, "test-vllm-kv-events")
-    prefill = VllmPrefillEngine(engine_cfg, PrefillConfig(export_mb=32, lease_s=30.0))
-    decode = VllmDecodeEngine(engine_cfg, DecodeConfig(transfer_timeout_s=10.0))
+    prefill = VllmPrefillEngine(engine_cfg, PrefillConfig(export_mb=32, lease_s=30.0), cfg.cache)
+    decode = VllmDecodeEngine(engine_cfg, DecodeConfig(transfer_timeout_s=10.0), cfg.cache)
     for engine, wid in ((prefill, "p0"), (decode, "d0")):
-        engine.salt_secret = SECRET
         engine.attach_bus(bus, wid)
-    _, hasher, index = kv_routing(cfg)
+    _, hasher, index = kv_routing(cfg.router, cfg.cache)
     sub = KvEventsSubscriber(bus, index, "r0")
     try:
         await prefill.start()

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvrelay.logs import get_logger
+from kvrelay.base.logs import get_logger
 from kvrelay.schemas.messages import KVDescriptor
 from kvrelay.transport.errors import KVTransferError, PeerGone, TransferTimeout
 from kvrelay.transport.kv.base import BlockTarget, KVReader, ReadResult, host_identity, offered

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 from prometheus_client import Counter, Histogram
 
-from kvrelay.logs import get_logger
+from kvrelay.base.logs import get_logger
 
 log = get_logger(__name__)
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from kvrelay.logs import get_logger
+from kvrelay.base.logs import get_logger
 from kvrelay.schemas.messages import KVDescriptor
 from kvrelay.transport.errors import ChecksumMismatch, LeaseExpired, PeerGone, TransferTimeout, TransportError
 from kvrelay.transport.kv.base import (

@@ -53,7 +53,7 @@ from pathlib import Path
 
 import torch
 
-from kvrelay.logs import get_logger
+from kvrelay.base.logs import get_logger
 from kvrelay.schemas.messages import KVLayout
 from kvrelay.transport.errors import LayoutMismatch, PeerGone, TransportError
 

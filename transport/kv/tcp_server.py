@@ -26,7 +26,8 @@ import socket
 import struct
 from collections.abc import Sequence
 
-from kvrelay.logs import get_logger
+from kvrelay.base.logs import get_logger
+from kvrelay.base.tasks import cancel_and_wait
 from kvrelay.schemas.struct import Struct, limit, typed
 from kvrelay.transport.errors import TransportError
 from kvrelay.transport.kv.copy import block_runs, checksum
@@ -111,9 +112,8 @@ class BlockServer:
     async def close(self) -> None:
         """Stop accepting, drop every connection, wait for their tasks. Idempotent.
 
-        Connections are shut down as well as cancelled: on Python 3.11 ``asyncio.wait_for`` can
-        swallow a cancellation that lands as its inner call completes, which would leave a task
-        in its next idle wait; a shut-down socket ends that wait at once."""
+        Connections are shut down before their tasks are cancelled, so a task whose cancel is
+        swallowed (``kvrelay.base.tasks``) still finds its socket closed at its next wait."""
         self._closing = True
         tasks = [t for t in (self._accept, *self._conns) if t is not None]
         self._accept = None
@@ -122,9 +122,7 @@ class BlockServer:
                 conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass  # not connected any more
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(tasks)
         if self._sock is not None:
             self._sock.close()
             self._sock = None

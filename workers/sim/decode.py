@@ -27,7 +27,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from kvrelay.logs import get_logger
+from kvrelay.base.logs import get_logger
 from kvrelay.schemas.messages import KVDescriptor, PrefillDone, PrefillTask
 from kvrelay.transport.bus import Bus
 from kvrelay.transport.errors import (
@@ -42,7 +42,9 @@ from kvrelay.workers.config import DecodeConfig, EngineConfig
 from kvrelay.workers.engine import EngineStats, TokenDelta
 from kvrelay.workers.errors import EngineError
 from kvrelay.workers.sim.blocks import BlocksFull
-from kvrelay.workers.sim.engine import SimEngineBase, now_ms, sim_tokens, token_text
+from kvrelay.base.ids import now_ms
+from kvrelay.schemas.hashing import CacheConfig
+from kvrelay.workers.sim.engine import SimEngineBase, sim_tokens, token_text
 from kvrelay.workers.sim.region import SimRegionReader, kv_pages
 
 log = get_logger(__name__)
@@ -59,9 +61,9 @@ class _Seq:
 
 
 class SimDecodeEngine(SimEngineBase):
-    def __init__(self, engine_cfg: EngineConfig, decode_cfg: DecodeConfig, *, bus: Bus | None = None,
-                 worker_id: str = "", salt_secret: str = "") -> None:
-        super().__init__(engine_cfg, bus=bus, worker_id=worker_id, salt_secret=salt_secret)
+    def __init__(self, engine_cfg: EngineConfig, decode_cfg: DecodeConfig, cache: CacheConfig = CacheConfig(),
+                 *, bus: Bus | None = None, worker_id: str = "") -> None:
+        super().__init__(engine_cfg, cache, bus=bus, worker_id=worker_id)
         self.transfer_timeout_s = decode_cfg.transfer_timeout_s
         self.reader = SimRegionReader()
         self._slots = asyncio.Semaphore(engine_cfg.max_num_seqs)
@@ -175,7 +177,7 @@ class SimDecodeEngine(SimEngineBase):
         """KV blocks for prompt and output (waiting for others to free some); the cached tokens."""
         prompt = done.prompt_token_ids
         total = len(prompt) + done.sampling.max_tokens
-        if -(-total // self.cfg.block_size) > self.blocks.num_blocks:
+        if -(-total // self.block_size) > self.blocks.num_blocks:
             raise EngineError(f"{total} tokens do not fit this engine's {self.blocks.num_blocks} KV blocks")
         hashes = self.hashes(prompt, done.tenant)
         loop = asyncio.get_running_loop()
@@ -208,7 +210,7 @@ class SimDecodeEngine(SimEngineBase):
             if await self._sleep(self.cost.kv_transfer_s(nbytes), abort):
                 return 0, False
             pages = self.reader.read(done.kv)
-            if pages != kv_pages(prompt, self.cfg.block_size, self.root(done.tenant)):
+            if pages != kv_pages(prompt, self.block_size, self.root(done.tenant)):
                 raise ChecksumMismatch("the exported pages are not this prompt's KV")
         except KVTransferError as exc:
             log.warning("sim_kv_import_failed", request_id=done.request_id, error=repr(exc))

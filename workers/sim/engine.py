@@ -17,8 +17,8 @@ Time is real asyncio time: every modelled duration (``workers.sim.cost``) is sle
   manager goes out through ``transport.kv_events.KvEventPublisher``, and snapshots read
   ``BlockManager.held``.
 
-Block hashes are salted per tenant with ``salt_secret`` (the router's ``tenant_salt_secret``;
-empty: by the tenant's name alone), so workers and router name blocks alike.
+Block hashes follow the deployment's cache contract (``schemas.hashing.CacheConfig``: block size,
+hash seed, tenant salt secret), so workers and router name blocks alike.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ import time
 
 from xxhash import xxh64_intdigest
 
-from kvrelay.logs import get_logger
-from kvrelay.schemas.hashing import HashSpec, tenant_salt
+from kvrelay.base.ids import now_ms
+from kvrelay.base.logs import get_logger
+from kvrelay.schemas.hashing import CacheConfig
 from kvrelay.schemas.kv_events import KvEvent
 from kvrelay.schemas.messages import KVDescriptor, PrefillTask
 from kvrelay.transport.bus import Bus
@@ -60,21 +61,17 @@ def token_text(token_ids: list[int]) -> str:
     return "".join(f" t{t}" for t in token_ids)
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 class SimEngineBase:
     """What both simulated engines share: config, cost model, hashing, blocks, KV events."""
 
-    def __init__(self, engine_cfg: EngineConfig, *, bus: Bus | None = None, worker_id: str = "",
-                 salt_secret: str = "") -> None:
+    def __init__(self, engine_cfg: EngineConfig, cache: CacheConfig, *, bus: Bus | None = None,
+                 worker_id: str = "") -> None:
         self.cfg = engine_cfg
+        self.cache = cache
         self.cost = CostModel.preset(engine_cfg.sim_preset)  # UnknownPreset (ValidationError)
         self.time_scale = engine_cfg.sim_time_scale
-        self.spec = HashSpec(engine_cfg.block_size, engine_cfg.hash_seed)
-        self.salt_secret = salt_secret
-        bs = engine_cfg.block_size
+        self.spec = cache.spec
+        bs = self.block_size = cache.block_size
         # 0 blocks configured: as many as the preset's worker holds (its kv_cache_gb of its model)
         num_blocks = engine_cfg.sim_num_blocks or max(1, self.cost.kv_cache_tokens() // bs)
         self.worker_id = worker_id or f"sim-{id(self):x}"
@@ -82,7 +79,7 @@ class SimEngineBase:
         self.blocks = BlockManager(num_blocks, bs, worker_id=self.worker_id, spec=self.spec.fingerprint,
                                    epoch=time.time_ns(), max_pending_events=4096)
         self.info = EngineInfo(model=engine_cfg.served_model_name or "sim", block_size=bs,
-                               hash_seed=engine_cfg.hash_seed, layout=sim_layout(bs), backends=("shm",),
+                               hash_seed=cache.hash_seed, layout=sim_layout(bs), backends=("shm",),
                                max_model_len=engine_cfg.max_model_len)
         self.host = socket.gethostname()
         self._bus = bus
@@ -97,10 +94,10 @@ class SimEngineBase:
 
     def root(self, tenant: str) -> int:
         """The hash chain root of a tenant's prompts."""
-        return self.spec.root(tenant_salt(self.salt_secret, tenant))
+        return self.spec.root(self.cache.salt(tenant))
 
     def hashes(self, prompt: list[int], tenant: str) -> list[int]:
-        return self.spec.hashes(prompt, tenant_salt(self.salt_secret, tenant))
+        return self.spec.hashes(prompt, self.cache.salt(tenant))
 
     async def _start_events(self) -> None:
         if self._bus is None or self.events is not None:
@@ -141,11 +138,11 @@ class SimEngineBase:
 class SimPrefillEngine(SimEngineBase):
     """``PrefillEngine`` (see the module doc). ``prefill_cfg`` sizes the export region and leases."""
 
-    def __init__(self, engine_cfg: EngineConfig, prefill_cfg: PrefillConfig, *, bus: Bus | None = None,
-                 worker_id: str = "", salt_secret: str = "") -> None:
-        super().__init__(engine_cfg, bus=bus, worker_id=worker_id, salt_secret=salt_secret)
+    def __init__(self, engine_cfg: EngineConfig, prefill_cfg: PrefillConfig, cache: CacheConfig = CacheConfig(),
+                 *, bus: Bus | None = None, worker_id: str = "") -> None:
+        super().__init__(engine_cfg, cache, bus=bus, worker_id=worker_id)
         self.lease_ms = int(prefill_cfg.lease_s * 1000)
-        block_bytes = self.cost.kv_bytes(engine_cfg.block_size)  # modelled bytes of one block
+        block_bytes = self.cost.kv_bytes(self.block_size)  # modelled bytes of one block
         self.leases = LeaseTable(max(1, (prefill_cfg.export_mb << 20) // block_bytes), on_free=self._freed)
         self.region: SimRegion | None = None
         self._compute = asyncio.Lock()  # one prompt at a time, first come first served
@@ -216,7 +213,7 @@ class SimPrefillEngine(SimEngineBase):
         """Write the prompt's KV pages to the region under a new leased ticket."""
         if self.region is None:
             raise EngineError("the simulated prefill engine was stopped during the prefill")
-        bs = self.cfg.block_size
+        bs = self.block_size
         ticket, self._next_ticket = self._next_ticket, self._next_ticket + 1
         expires = now_ms() + self.lease_ms
         try:

@@ -35,7 +35,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.request import RequestStatus
 
-from kvrelay.logs import get_logger
+from kvrelay.base.logs import get_logger
 from kvrelay.schemas.errors import SchemaError
 from kvrelay.transport.errors import LayoutMismatch
 from kvrelay.transport.kv.region import layout_fingerprint

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from kvrelay.logs import get_logger
+from kvrelay.base.logs import get_logger
 from kvrelay.schemas.errors import SchemaError
 from kvrelay.schemas.messages import KVDescriptor, KVLayout
 from kvrelay.transport.errors import KVTransferError, LayoutMismatch, PeerGone

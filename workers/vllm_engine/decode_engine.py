@@ -31,7 +31,8 @@ import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
-from kvrelay.logs import get_logger
+from kvrelay.base.logs import get_logger
+from kvrelay.schemas.hashing import CacheConfig
 from kvrelay.schemas.messages import KVDescriptor, PrefillDone, PrefillTask
 from kvrelay.transport.kv import metrics as kv_metrics
 from kvrelay.transport.kv.base import host_identity
@@ -64,18 +65,21 @@ FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
 
 
 class VllmDecodeEngine(KvEventsMixin):
-    def __init__(self, engine: EngineConfig, decode: DecodeConfig) -> None:
+    def __init__(self, engine: EngineConfig, decode: DecodeConfig, cache: CacheConfig = CacheConfig(), *,
+                 worker_id: str = "") -> None:
         self.cfg = decode
+        self.cache = cache
         # debug control, read per request: zero the loaded KV (output must then differ)
         self.debug_zero_kv = decode.debug_zero_kv
         backends = readable_backends(list(decode.backends))
         conn = ConnectorConfig(notify_path="", transfer_timeout_s=decode.transfer_timeout_s,
                                backends=list(backends), load_cpus=decode.kv_load_cpus)
-        self._rt = VllmRuntime(engine, conn, self._on_notice, chunk_tokens=decode.prefill_chunk_tokens)
+        self._rt = VllmRuntime(engine, cache.block_size, conn, self._on_notice,
+                               chunk_tokens=decode.prefill_chunk_tokens)
         self.info = EngineInfo(
             model=engine.served_model_name or engine.model,
-            block_size=engine.block_size,
-            hash_seed=engine.hash_seed,
+            block_size=cache.block_size,
+            hash_seed=cache.hash_seed,
             layout=None,
             backends=backends,
             max_model_len=engine.max_model_len,

@@ -14,7 +14,7 @@ Tenants: the engines pass the request's tenant as vLLM's ``cache_salt``, so tena
 vLLM blocks, and vLLM puts the salt in ``extra_keys`` of the first block of a prompt (and only
 there; later blocks inherit it through the parent hash). The translator reads the tenant back
 from ``extra_keys[0]`` (its last string element) and computes the root exactly as the router
-does: ``spec.root(tenant_salt(secret, tenant))`` with the router's ``tenant_salt_secret`` (an
+does: ``spec.root(tenant_salt(secret, tenant))`` with the deployment's ``cache.tenant_salt_secret`` (an
 empty secret still salts by the tenant's name). An empty tenant means no cache_salt (vLLM ignores
 an empty salt), hence no extra key: the root of tenant "" either way.
 
@@ -33,8 +33,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from kvrelay.logs import get_logger
-from kvrelay.schemas.hashing import HashSpec, block_hashes, tenant_salt
+from kvrelay.base.logs import get_logger
+from kvrelay.schemas.hashing import CacheConfig, HashSpec, block_hashes, tenant_salt
 from kvrelay.schemas.kv_events import MAX_EVENT_BLOCKS
 from kvrelay.transport.bus import Bus
 from kvrelay.transport.kv_events import KvEventPublisher
@@ -268,16 +268,15 @@ class VllmKvEvents:
 class KvEventsMixin:
     """What the vLLM engines add to publish KV events: ``attach_bus`` (before ``start``), then
     ``_start_kv_events`` after vLLM is up and ``_stop_kv_events`` at stop. Needs ``self._rt``
-    (a ``VllmRuntime``) and ``self.info`` (block size, hash seed)."""
+    (a ``VllmRuntime``) and ``self.cache`` (the deployment's cache contract)."""
 
     _kv_events: VllmKvEvents | None = None
-    salt_secret: str = ""  # the router's tenant_salt_secret ("": salted by the tenant name alone)
+    cache: CacheConfig  # the deployment's cache contract (block size, hash seed, tenant salt secret)
 
     def attach_bus(self, bus: Bus, worker_id: str) -> None:
         if self._kv_events is not None:
             raise EngineError("KV events are already being published")
-        spec = HashSpec(self.info.block_size, self.info.hash_seed)  # type: ignore[attr-defined]
-        self._kv_events = VllmKvEvents(bus, worker_id, spec, self.salt_secret)
+        self._kv_events = VllmKvEvents(bus, worker_id, self.cache.spec, self.cache.tenant_salt_secret)
         self._kv_events.bind()
         self._rt.kv_events_config = self._kv_events.vllm_config()  # type: ignore[attr-defined]
 

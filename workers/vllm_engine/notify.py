@@ -24,7 +24,7 @@ from pathlib import Path
 
 import msgpack
 
-from kvrelay.logs import get_logger
+from kvrelay.base.logs import get_logger
 from kvrelay.schemas.errors import SchemaError
 from kvrelay.workers.vllm_engine.params import Notice
 

@@ -30,7 +30,9 @@ import socket
 import time
 from pathlib import Path
 
-from kvrelay.logs import bound, get_logger
+from kvrelay.base.ids import now_ms
+from kvrelay.base.logs import bound, get_logger
+from kvrelay.schemas.hashing import CacheConfig
 from kvrelay.schemas.messages import KVDescriptor, KVLayout, PrefillTask
 from kvrelay.transport.errors import RegionFull
 from kvrelay.transport.kv.base import host_identity
@@ -49,20 +51,18 @@ log = get_logger(__name__)
 SERVED = ("shm", "tcp")  # what a CPU export region can be served by
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 class VllmPrefillEngine(KvEventsMixin):
     def __init__(
         self,
         engine: EngineConfig,
         prefill: PrefillConfig,
+        cache: CacheConfig = CacheConfig(),
         *,
         worker_id: str = "",
         region_dir: Path | None = None,
     ) -> None:
         self.cfg = prefill
+        self.cache = cache
         self.backends = tuple(b for b in prefill.backends if b in SERVED)
         if not self.backends:
             raise EngineError(f"prefill.backends {prefill.backends} has none of {SERVED} (what it serves)")
@@ -70,12 +70,12 @@ class VllmPrefillEngine(KvEventsMixin):
         self.region_name = new_region_name()
         self._region_dir = region_dir
         conn = ConnectorConfig(notify_path="", region=self.region_name, region_dir=str(region_dir or ""))
-        self._rt = VllmRuntime(engine, conn, self._on_notice, chunk_tokens=prefill.chunk_tokens,
+        self._rt = VllmRuntime(engine, cache.block_size, conn, self._on_notice, chunk_tokens=prefill.chunk_tokens,
                                long_prompt_step_tokens=prefill.long_prompt_step_tokens)
         self.info = EngineInfo(
             model=engine.served_model_name or engine.model,
-            block_size=engine.block_size,
-            hash_seed=engine.hash_seed,
+            block_size=cache.block_size,
+            hash_seed=cache.hash_seed,
             layout=None,
             backends=self.backends,
             max_model_len=engine.max_model_len,
@@ -158,7 +158,7 @@ class VllmPrefillEngine(KvEventsMixin):
             nb = math.ceil(len(task.prompt_token_ids) / self.info.block_size)
             pending_ms = int((self.cfg.export_timeout_s + self.cfg.lease_s) * 1000)
             try:
-                blocks = leases.allocate(nb, ticket, _now_ms() + pending_ms)
+                blocks = leases.allocate(nb, ticket, now_ms() + pending_ms)
             except RegionFull as exc:
                 raise ExportFull(str(exc)) from exc
             try:
@@ -253,7 +253,7 @@ class VllmPrefillEngine(KvEventsMixin):
         )
 
     def _descriptor(self, task: PrefillTask, ticket: int, blocks: list[int], notice: Notice) -> KVDescriptor:
-        expires = _now_ms() + int(self.cfg.lease_s * 1000)
+        expires = now_ms() + int(self.cfg.lease_s * 1000)
         self._lease_table().renew(ticket, expires)
         assert self._region is not None and self._rt.layout is not None
         return KVDescriptor(
@@ -320,7 +320,7 @@ class VllmPrefillEngine(KvEventsMixin):
         leases = self._leases
         if leases is not None and leases.blocks_of(ticket) is not None:
             self._orphans.add(ticket)
-            leases.renew(ticket, _now_ms() + int((self.cfg.export_timeout_s + self.cfg.lease_s) * 1000))
+            leases.renew(ticket, now_ms() + int((self.cfg.export_timeout_s + self.cfg.lease_s) * 1000))
 
     def _on_notice(self, notice: Notice, matched: bool) -> None:
         if notice.kind != "export":

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from kvrelay.logs import get_logger
+from kvrelay.base.logs import get_logger
 from kvrelay.schemas.messages import KVLayout, SamplingSpec
 from kvrelay.workers.config import EngineConfig
 from kvrelay.workers.errors import EngineDead, EngineError
@@ -70,6 +70,7 @@ class VllmRuntime:
     def __init__(
         self,
         cfg: EngineConfig,
+        block_size: int,
         connector: ConnectorConfig | dict[str, Any],
         on_notice: Callable[[Notice, bool], None],
         chunk_tokens: int = 0,
@@ -86,6 +87,7 @@ class VllmRuntime:
             raise EngineError(f"a long prompt's step share of {long_prompt_step_tokens} tokens is above "
                               f"engine.max_model_len ({cfg.max_model_len})")
         self.cfg = cfg
+        self.block_size = block_size  # the deployment's cache.block_size: vLLM's page size too
         self.chunk_tokens = chunk_tokens  # max_num_batched_tokens (0: vLLM's default)
         self.long_prompt_step_tokens = long_prompt_step_tokens  # long_prefill_token_threshold (0: none)
         # the notify path is filled in by start(); the rest is the caller's
@@ -141,7 +143,7 @@ class VllmRuntime:
         args = AsyncEngineArgs(
             model=c.model,
             served_model_name=c.served_model_name or None,
-            block_size=c.block_size,
+            block_size=self.block_size,
             max_model_len=c.max_model_len,
             max_num_seqs=c.max_num_seqs,
             kv_cache_memory_bytes=int(c.kv_cache_gb * GIB),

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from kvrelay.schemas.codec import encode
+from kvrelay.schemas.hashing import CacheConfig
 from kvrelay.schemas.messages import PrefillDone, PrefillTask, SamplingSpec
 from kvrelay.workers.config import DecodeConfig, EngineConfig, PrefillConfig
 from kvrelay.workers.engine import DecodeEngine, PrefillEngine, TokenDelta
@@ -26,7 +27,7 @@ PROMPT = list(range(1000, 1100))  # 100 tokens: 3 full blocks of 32 and a partia
 
 
 def engine_cfg(scale: float = 0.0, **kw) -> EngineConfig:
-    return EngineConfig(kind="sim", block_size=32, sim_time_scale=scale, **kw)
+    return EngineConfig(kind="sim", sim_time_scale=scale, **kw)
 
 
 def make_task(rid: str, prompt: list[int] = PROMPT, max_tokens: int = 6, tenant: str = "t") -> PrefillTask:
@@ -102,7 +103,7 @@ async def test_sim_prefill_reuses_the_cached_prefix(engines) -> None:
 
 
 async def test_sim_prefill_salts_hashes_per_tenant() -> None:
-    p = SimPrefillEngine(engine_cfg(), PrefillConfig(), salt_secret="secret")
+    p = SimPrefillEngine(engine_cfg(), PrefillConfig(), CacheConfig(tenant_salt_secret="secret"))
     await p.start()
     try:
         await p.prefill(make_task("a", max_tokens=1, tenant="alice"))
@@ -145,7 +146,7 @@ async def test_sim_decode_imports_in_another_process(engines, tmp_path) -> None:
         "from kvrelay.workers.config import DecodeConfig, EngineConfig\n"
         "from kvrelay.workers.sim import SimDecodeEngine\n"
         "async def main():\n"
-        "    cfg = EngineConfig(kind='sim', block_size=32, sim_time_scale=0.0)\n"
+        "    cfg = EngineConfig(kind='sim', sim_time_scale=0.0)\n"
         "    d = SimDecodeEngine(cfg, DecodeConfig())\n"
         "    await d.start()\n"
         "    done = decode(open(sys.argv[1], 'rb').read(), PrefillDone)\n"

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def engine_cfg(**kw) -> EngineConfig:
-    return EngineConfig(kind="sim", block_size=32, sim_time_scale=0.0, **kw)
+    return EngineConfig(kind="sim", sim_time_scale=0.0, **kw)
 
 
 @pytest.fixture
