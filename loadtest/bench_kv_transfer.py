@@ -96,7 +96,7 @@ async def _one(
 
 async def _ttft(d: VllmDecodeEngine, done: PrefillDone):
     t0 = time.perf_counter()
-    stream = d.decode(done)
+    stream = d.stream(done)
     first = await stream.__anext__()
     ms = (time.perf_counter() - t0) * 1000
     async for _ in stream:

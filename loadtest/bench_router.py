@@ -48,7 +48,7 @@ import numpy as np
 from kvrelay.router.index import PrefixIndex
 from kvrelay.router.kv_policy import KvAware
 from kvrelay.router.policy import RouteRequest, WorkerView
-from kvrelay.schemas.codec import decode, encode
+from kvrelay.schemas.codec import unpack, pack
 from kvrelay.schemas.hashing import HashSpec, block_hashes, tenant_salt
 from kvrelay.schemas.kv_events import KvEvent, KvEventBatch
 
@@ -134,7 +134,7 @@ def _build_events(w: Workload, root: int, spec: str, dyn: bool) -> tuple[list[by
     for worker, events in enumerate(per_worker):
         for i in range(0, len(events), a.batch_events):
             chunk = events[i:i + a.batch_events]
-            batches.append(encode(KvEventBatch(worker_id=f"w{worker}", epoch=1,
+            batches.append(pack(KvEventBatch(worker_id=f"w{worker}", epoch=1,
                                                event_id=i // a.batch_events + 1,
                                                spec=spec, events=[e for e, _ in chunk])))
             if dyn:  # event ids numbered per worker, as Dynamo expects
@@ -183,7 +183,7 @@ def _apply_events(batches: list[bytes], dyn_batches: list, spec: str, cap: int) 
     clock = time.perf_counter
     for i, data in enumerate(batches):
         t = clock()
-        index.apply(decode(data, KvEventBatch))
+        index.apply(unpack(data, KvEventBatch))
         t_ours += clock() - t
         if tree is not None:
             apply = tree.apply_event

@@ -47,7 +47,7 @@ from kvrelay.router.index import PrefixIndex
 from kvrelay.router.inflight import InflightTable
 from kvrelay.router.kv_policy import KvAware, Oracle
 from kvrelay.router.policy import LeastLoaded, Policy, RoundRobin, RouteRequest, RouteResult
-from kvrelay.schemas.codec import decode, encode
+from kvrelay.schemas.codec import unpack, pack
 from kvrelay.schemas.hashing import HashSpec, tenant_salt
 from kvrelay.schemas.kv_events import KvEventBatch
 from kvrelay.schemas.messages import WorkerInfo
@@ -230,12 +230,12 @@ class Cluster:
         self.cached_tokens += cached
         if self.index is not None:
             while (batch := w.blocks.take_batch()) is not None:
-                self.at(self.now + self.a.event_delay_ms / 1000, self.apply, encode(batch))
+                self.at(self.now + self.a.event_delay_ms / 1000, self.apply, pack(batch))
         self.at(self.now + seconds, self.finish, w, job)
 
     def apply(self, data: bytes) -> None:
         assert self.index is not None
-        self.index.apply(decode(data, KvEventBatch))
+        self.index.apply(unpack(data, KvEventBatch))
         self.index_batches += 1
 
     def finish(self, w: Worker, job: Job) -> None:

@@ -66,7 +66,7 @@ async def _one(p: VllmPrefillEngine, d: VllmDecodeEngine, prompt: list[int], tag
                        first_token_id=out.first_token_id, sampling=spec, stream_subject="s", deadline_ms=0,
                        prefill_worker=p.worker_id, kv=out.kv)
     t1 = time.perf_counter()
-    stream = d.decode(done)
+    stream = d.stream(done)
     first = await stream.__anext__()
     first_ms = (time.perf_counter() - t1) * 1000
     stamps = [time.perf_counter()]
@@ -94,7 +94,7 @@ async def _local(d: VllmDecodeEngine, prompt: list[int], out_kv: Any, tag: str) 
                        prefill_worker="none",
                        kv=out_kv.replace(host="-", fallbacks=[], num_tokens=len(prompt)))
     t0 = time.perf_counter()
-    stream = d.decode(done)
+    stream = d.stream(done)
     first = await stream.__anext__()
     ms = (time.perf_counter() - t0) * 1000
     async for _ in stream:

@@ -248,7 +248,7 @@ class NatsClient:
         import nats.errors
         import nats.js.errors
 
-        from kvrelay.schemas.codec import encode
+        from kvrelay.schemas.codec import pack
         from kvrelay.schemas.messages import ClientRequest, SamplingSpec
 
         rec = RequestRecord(req.request_id, scheduled_s, self.clock(), req.kind, len(req.prompt_token_ids),
@@ -263,7 +263,7 @@ class NatsClient:
                                 timeout_s=min(self.timeout_s, 3600.0),
                                 session_id=req.session_id if self.sessions else "")
             try:
-                await self._js.publish(self.subjects.request(req.tenant), encode(msg))
+                await self._js.publish(self.subjects.request(req.tenant), pack(msg))
             except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
                 rec.error, rec.error_detail = "no_stream", "no JetStream stream takes the request subject"
                 return rec
@@ -286,7 +286,7 @@ class NatsClient:
     async def _collect(self, sub: Any, rec: RequestRecord) -> None:
         import nats.errors
 
-        from kvrelay.schemas.codec import decode
+        from kvrelay.schemas.codec import unpack
         from kvrelay.schemas.errors import SchemaError
         from kvrelay.schemas.messages import TokenChunk
 
@@ -304,7 +304,7 @@ class NatsClient:
                 return
             now = self.clock()
             try:
-                chunk = decode(m.data, TokenChunk)
+                chunk = unpack(m.data, TokenChunk)
             except SchemaError as exc:
                 rec.error, rec.error_detail = "bad_chunk", str(exc)[:DETAIL_CHARS]
                 return

@@ -92,7 +92,7 @@ class Router:
             self.model_name = rc.served_model_name or Path(self.tokenizer.folder).absolute().name
         self.bus = await Bus.connect(self.cfg.bus, self.id)
         if self.index is not None:
-            from kvrelay.router.events import KvEventsSubscriber, KvIndexCollector
+            from kvrelay.router.index_feed import KvEventsSubscriber, KvIndexCollector
 
             self.kv_events = KvEventsSubscriber(self.bus, self.index, self.id, rc.kv_snapshot_timeout_s)
             await self.kv_events.start()

@@ -53,7 +53,7 @@ from kvrelay.router.metrics import RouterMetrics
 from kvrelay.router.policy import NoWorkers, Plan, Policy, RouteRequest, RouteResult, WorkerView
 from kvrelay.router.policy_factory import needs_hashes
 from kvrelay.router.reorder import ReorderBuffer
-from kvrelay.schemas.codec import decode
+from kvrelay.schemas.codec import unpack
 from kvrelay.schemas.errors import SchemaError
 from kvrelay.schemas.messages import Cancel, DispatchReply, ErrorInfo, PrefillTask, SamplingSpec, TokenChunk
 from kvrelay.transport.bus import Bus
@@ -126,7 +126,7 @@ class Dispatcher:
 
     async def _on_cancel(self, msg: Msg) -> None:
         try:
-            cancel = decode(msg.data, Cancel)
+            cancel = unpack(msg.data, Cancel)
         except SchemaError:
             return
         flight = self.flights.get(cancel.request_id)
@@ -282,7 +282,7 @@ class Flight:
     async def _on_chunk(self, msg: Msg) -> None:
         metrics = self._d.metrics
         try:
-            chunk = decode(msg.data, TokenChunk)
+            chunk = unpack(msg.data, TokenChunk)
         except SchemaError as exc:
             metrics.chunks_dropped.labels("undecodable").inc()
             log.warning("bad_token_chunk", request_id=self.request_id, error=str(exc))

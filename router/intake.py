@@ -44,7 +44,7 @@ from kvrelay.router.errors import (
 from kvrelay.router.metrics import RouterMetrics
 from kvrelay.router.openai_api import fit_lengths
 from kvrelay.router.tokenizer import RouterTokenizer
-from kvrelay.schemas.codec import decode
+from kvrelay.schemas.codec import unpack
 from kvrelay.schemas.errors import SchemaError
 from kvrelay.schemas.messages import MAX_ID_LEN, ClientRequest, TokenChunk
 from kvrelay.transport.bus import Bus
@@ -144,7 +144,7 @@ class Intake:
 
     def _decode(self, data: bytes, tenant: str) -> ClientRequest:
         try:
-            req = decode(data, ClientRequest)
+            req = unpack(data, ClientRequest)
             check_token(tenant, "tenant")
             check_token(req.request_id, "request_id")
             check_reply_subject(req.stream_subject, self.bus.subjects.root)

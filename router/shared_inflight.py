@@ -34,7 +34,7 @@ from nats.aio.msg import Msg
 
 from kvrelay.base.logs import get_logger
 from kvrelay.router.inflight import InflightTable
-from kvrelay.schemas.codec import Message, decode, message
+from kvrelay.schemas.codec import Message, unpack, message
 from kvrelay.schemas.errors import SchemaError
 from kvrelay.schemas.struct import limit
 from kvrelay.transport.bus import Bus
@@ -192,7 +192,7 @@ class SharedInflight:
 
     async def _on_msg(self, msg: Msg) -> None:
         try:
-            delta = decode(msg.data, InflightDelta)
+            delta = unpack(msg.data, InflightDelta)
         except SchemaError:
             self.counters["bad"] += 1
             return

@@ -4,7 +4,7 @@ Imports nothing else of kvrelay, so any component (or another language's client,
 the README's message tables) can rely on it alone.
 """
 
-from kvrelay.schemas.codec import Message, decode, decode_any, encode
+from kvrelay.schemas.codec import Message, unpack, unpack_any, pack
 from kvrelay.schemas.errors import (
     DecodeError,
     OversizeError,
@@ -35,6 +35,6 @@ __all__ = [
     "Cancel", "ChatMessage", "ClientRequest", "DecodeError", "DispatchReply", "ErrorInfo",
     "KVDescriptor", "KVLayout", "LeaseRelease", "Message", "OversizeError", "PrefillDone",
     "PrefillTask", "SamplingSpec", "SchemaError", "Struct", "TokenChunk", "UnknownTypeError",
-    "Usage", "ValidationError", "VersionError", "WorkerInfo", "check_fields", "decode",
-    "decode_any", "encode", "limit", "typed",
+    "Usage", "ValidationError", "VersionError", "WorkerInfo", "check_fields", "unpack",
+    "unpack_any", "pack", "limit", "typed",
 ]

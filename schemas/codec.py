@@ -1,6 +1,6 @@
 """The envelope every bus message travels in: msgpack ``{"t": type, "v": version, "b": body}``.
 
-``encode`` turns a ``Message`` into bytes; ``decode`` turns bytes back into the expected
+``pack`` turns a ``Message`` into bytes; ``unpack`` turns bytes back into the expected
 message type, or raises a ``SchemaError`` subclass saying exactly what was wrong. Nothing
 here ever unpickles or evaluates anything: msgpack maps, arrays and scalars only.
 """
@@ -42,7 +42,7 @@ class Message(Struct):
             _REGISTRY[cls.TYPE] = cls
 
 
-def encode(msg: Message) -> bytes:
+def pack(msg: Message) -> bytes:
     data = msgpack.packb(
         {"t": msg.TYPE, "v": msg.VERSION, "b": msg.to_mapping()}, use_bin_type=True
     )
@@ -65,7 +65,7 @@ def _unpack(data: bytes, limit: int) -> dict:
     return obj
 
 
-def decode_any(data: bytes, limit: int = DEFAULT_MAX_BYTES) -> Message:
+def unpack_any(data: bytes, limit: int = DEFAULT_MAX_BYTES) -> Message:
     """Decode an envelope of any registered type."""
     env = _unpack(data, max(limit, DEFAULT_MAX_BYTES))
     cls = _REGISTRY.get(env["t"]) if isinstance(env["t"], str) else None
@@ -74,7 +74,7 @@ def decode_any(data: bytes, limit: int = DEFAULT_MAX_BYTES) -> Message:
     return _body(cls, env, len(data))
 
 
-def decode(data: bytes, expected: type[M]) -> M:
+def unpack(data: bytes, expected: type[M]) -> M:
     """Decode an envelope that must hold ``expected``."""
     env = _unpack(data, expected.MAX_BYTES)
     if env["t"] != expected.TYPE:

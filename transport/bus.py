@@ -18,7 +18,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
-from kvrelay.schemas.codec import Message, decode, encode
+from kvrelay.schemas.codec import Message, unpack, pack
 from kvrelay.transport.config import BusConfig, StreamLimits
 from kvrelay.transport.errors import Backpressure, BusTimeout, BusUnavailable, TransportError
 from kvrelay.transport.subjects import Subjects
@@ -120,7 +120,7 @@ class Bus:
 
     # --- messages ---------------------------------------------------------------------------------
     async def publish(self, subject: str, msg: Message | bytes, headers: dict[str, str] | None = None) -> None:
-        data = msg if isinstance(msg, bytes) else encode(msg)
+        data = msg if isinstance(msg, bytes) else pack(msg)
         try:
             await self.nc.publish(subject, data, headers=headers)
         except nats.errors.Error as exc:
@@ -129,7 +129,7 @@ class Bus:
     async def js_publish(self, subject: str, msg: Message | bytes, timeout: float | None = None,
                          msg_id: str | None = None) -> int:
         """Publish to a stream and wait for its ack; returns the stream sequence."""
-        data = msg if isinstance(msg, bytes) else encode(msg)
+        data = msg if isinstance(msg, bytes) else pack(msg)
         headers = {"Nats-Msg-Id": msg_id} if msg_id else None
         try:
             ack = await self.js.publish(subject, data, timeout=timeout or self.cfg.request_timeout_s,
@@ -149,14 +149,14 @@ class Bus:
     async def request(self, subject: str, msg: Message, reply_type: type[M], timeout: float | None = None) -> M:
         """Core request/reply with a decoded, validated reply."""
         try:
-            reply = await self.nc.request(subject, encode(msg), timeout=timeout or self.cfg.request_timeout_s)
+            reply = await self.nc.request(subject, pack(msg), timeout=timeout or self.cfg.request_timeout_s)
         except nats.errors.NoRespondersError as exc:
             raise BusUnavailable(f"no one listens on {subject}") from exc
         except (nats.errors.TimeoutError, asyncio.TimeoutError) as exc:
             raise BusTimeout(f"no reply on {subject} in time") from exc
         except nats.errors.Error as exc:
             raise BusUnavailable(f"request on {subject} failed: {exc!r}") from exc
-        return decode(reply.data, reply_type)
+        return unpack(reply.data, reply_type)
 
     async def subscribe(self, subject: str, cb: Callable[[Msg], Awaitable[None]],
                         queue: str = "") -> Subscription:

@@ -16,7 +16,7 @@ import nats.js.errors
 from nats.js.kv import KeyValue
 
 from kvrelay.base.logs import get_logger
-from kvrelay.schemas.codec import decode, encode
+from kvrelay.schemas.codec import unpack, pack
 from kvrelay.schemas.errors import SchemaError
 from kvrelay.schemas.messages import WorkerInfo
 from kvrelay.transport.bus import Bus
@@ -68,7 +68,7 @@ class Announcer:
         if self._kv is None:
             self._kv = await open_bucket(self.bus)
         try:
-            await asyncio.wait_for(self._kv.put(self.worker_id, encode(self.info())), self.bus.cfg.request_timeout_s)
+            await asyncio.wait_for(self._kv.put(self.worker_id, pack(self.info())), self.bus.cfg.request_timeout_s)
         except (nats.errors.Error, asyncio.TimeoutError) as exc:
             log.warning("heartbeat_failed", error=repr(exc))
 
@@ -114,7 +114,7 @@ class Directory:
             self._seen.pop(key, None)
         else:
             try:
-                info = decode(value, WorkerInfo)
+                info = unpack(value, WorkerInfo)
             except SchemaError as exc:
                 log.warning("bad_worker_record", key=key, error=str(exc))
                 return

@@ -1,7 +1,7 @@
 """The decode worker service: the bus edges around a ``DecodeEngine``.
 
     pull PrefillDone from the "prefilled" work queue (shared consumer + own affinity consumer),
-    only while a slot is free  ->  engine.decode(done)
+    only while a slot is free  ->  engine.stream(done)
     first delta: ack the message, LeaseRelease to kv.release.<prefill worker> (the KV is in)
     every delta: TokenChunk seq 1, 2, ... on the request's stream subject; the last one carries
     finish_reason and usage
@@ -31,7 +31,7 @@ from nats.aio.msg import Msg
 from kvrelay.base.ids import now_ms, remaining_s
 from kvrelay.base.logs import bound, get_logger
 from kvrelay.base.tasks import TaskOwner
-from kvrelay.schemas.codec import decode
+from kvrelay.schemas.codec import unpack
 from kvrelay.schemas.messages import Cancel, LeaseRelease, PrefillDone, Usage, WorkerInfo
 from kvrelay.transport.bus import Bus
 from kvrelay.transport.discovery import Announcer
@@ -196,7 +196,7 @@ class DecodeService:
     async def _take(self, msg: Msg) -> int:
         """Start a request for ``msg`` (1: it holds a slot now) or settle it at once (0)."""
         try:
-            done = decode(msg.data, PrefillDone)
+            done = unpack(msg.data, PrefillDone)
             check_subject(done.stream_subject, "stream_subject")
             check_token(done.prefill_worker, "prefill_worker")
         except ValueError as exc:
@@ -249,7 +249,7 @@ class DecodeService:
 
     async def _stream(self, act: Active) -> str:
         """Run the engine and stream its deltas; returns the finish reason."""
-        agen = self.engine.decode(act.done)
+        agen = self.engine.stream(act.done)
         try:
             delta = await self._first_delta(agen, act)
             act.started = True
@@ -356,7 +356,7 @@ class DecodeService:
     # --- cancellation and reporting --------------------------------------------------------------
     async def on_cancel(self, msg: Msg) -> None:
         try:
-            cancel = decode(msg.data, Cancel)
+            cancel = unpack(msg.data, Cancel)
         except ValueError as exc:
             log.warning("bad_cancel", error=str(exc))
             return

@@ -45,7 +45,7 @@ class TokenDelta:
     # set on the first delta: how the prompt's KV got there
     kv_loaded_tokens: int = 0  # tokens whose KV came from the prefill worker
     kv_recomputed: bool = False  # the transfer failed and the engine recomputed the prompt
-    # set on the first delta of a local prefill (``decode_local``): prompt tokens found in this
+    # set on the first delta of a local prefill (``stream_local``): prompt tokens found in this
     # engine's prefix cache (not computed)
     cached_tokens: int = 0
 
@@ -93,7 +93,7 @@ class DecodeEngine(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
 
-    def decode(self, done: PrefillDone) -> AsyncIterator[TokenDelta]:
+    def stream(self, done: PrefillDone) -> AsyncIterator[TokenDelta]:
         """Import the KV ``done.kv`` names, then yield tokens after ``done.first_token_id``.
 
         A failed import falls back to recomputing the prompt locally (``kv_recomputed``);
@@ -110,10 +110,10 @@ class LocalPrefillEngine(Protocol):
     """Optional: a decode engine that can also run a whole request itself (decode affinity).
 
     The decode worker service offers local prefill (``kvrelay.<ns>.local.<worker>``) only when
-    its engine has ``decode_local``.
+    its engine has ``stream_local``.
     """
 
-    def decode_local(self, task: PrefillTask) -> AsyncIterator[TokenDelta]:
+    def stream_local(self, task: PrefillTask) -> AsyncIterator[TokenDelta]:
         """Compute the prompt here (blocks in this engine's prefix cache are not recomputed) and
         yield every output token, the first one included; the first delta's ``cached_tokens``
         says how many prompt tokens were cached. Ends with a delta carrying ``finish_reason``."""

@@ -6,8 +6,8 @@
         draining     the worker is stopping
         invalid      undecodable task, bad stream subject, or a request id already here
         timeout      the deadline passed already
-        unsupported  the engine has no ``decode_local`` (``workers.engine.LocalPrefillEngine``)
-    accepted -> engine.decode_local(task): the engine computes the prompt (its prefix cache makes
+        unsupported  the engine has no ``stream_local`` (``workers.engine.LocalPrefillEngine``)
+    accepted -> engine.stream_local(task): the engine computes the prompt (its prefix cache makes
     the blocks it holds free: no KV transfer, no lease) and streams every token as
     TokenChunk seq 0, 1, ... on the task's stream subject, like a prefill + decode would.
 
@@ -33,7 +33,7 @@ from prometheus_client import Counter
 
 from kvrelay.base.ids import now_ms, remaining_s
 from kvrelay.base.logs import bound, get_logger
-from kvrelay.schemas.codec import decode
+from kvrelay.schemas.codec import unpack
 from kvrelay.schemas.messages import DispatchReply, PrefillTask, Usage
 from kvrelay.transport.errors import TransportError
 from kvrelay.transport.subjects import check_subject, check_token
@@ -91,12 +91,12 @@ class LocalPrefills:
         """Decide and, when accepted, start the request (synchronously: no await in between)."""
         svc = self.svc
         try:
-            task = decode(msg.data, PrefillTask)
+            task = unpack(msg.data, PrefillTask)
             check_subject(task.stream_subject, "stream_subject")
             check_token(task.request_id, "request_id")
         except ValueError as exc:
             return _refuse("invalid", f"bad local prefill task: {str(exc)[:300]}")
-        run = getattr(svc.engine, "decode_local", None)
+        run = getattr(svc.engine, "stream_local", None)
         if run is None:
             return _refuse("unsupported", "this decode engine cannot prefill locally")
         if svc.draining:
@@ -147,7 +147,7 @@ class LocalPrefills:
 
     async def _stream(self, act: LocalActive) -> str:
         """Run the engine and stream its deltas from seq 0; returns the finish reason."""
-        agen = self.svc.engine.decode_local(act.job)  # type: ignore[attr-defined]
+        agen = self.svc.engine.stream_local(act.job)  # type: ignore[attr-defined]
         try:
             first, last = True, time.monotonic()
             async for delta in agen:

@@ -25,7 +25,7 @@ from nats.aio.msg import Msg
 from kvrelay.base.ids import now_ms, remaining_s
 from kvrelay.base.logs import bound, get_logger
 from kvrelay.base.tasks import TaskOwner
-from kvrelay.schemas.codec import decode
+from kvrelay.schemas.codec import unpack
 from kvrelay.schemas.messages import (
     Cancel,
     DispatchReply,
@@ -140,7 +140,7 @@ class PrefillService:
     async def on_task(self, msg: Msg) -> None:
         """Answer a dispatch at once: accepted (queued) or rejected with a code."""
         try:
-            task = decode(msg.data, PrefillTask)
+            task = unpack(msg.data, PrefillTask)
             check_subject(task.stream_subject, "stream_subject")
             if task.decode_hint:
                 check_token(task.decode_hint, "decode_hint")
@@ -313,7 +313,7 @@ class PrefillService:
     # --- leases and cancellation ----------------------------------------------------------------
     async def on_release(self, msg: Msg) -> None:
         try:
-            rel = decode(msg.data, LeaseRelease)
+            rel = unpack(msg.data, LeaseRelease)
         except ValueError as exc:
             log.warning("bad_lease_release", error=str(exc))
             return
@@ -332,7 +332,7 @@ class PrefillService:
 
     async def on_cancel(self, msg: Msg) -> None:
         try:
-            cancel = decode(msg.data, Cancel)
+            cancel = unpack(msg.data, Cancel)
         except ValueError as exc:
             log.warning("bad_cancel", error=str(exc))
             return

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from kvrelay.schemas import ClientRequest, SamplingSpec, TokenChunk, decode, encode
+from kvrelay.schemas import ClientRequest, SamplingSpec, TokenChunk, unpack, pack
 
 pytestmark = pytest.mark.e2e
 
@@ -196,11 +196,11 @@ async def test_up_nats_intake_streams_tokens_to_the_client_subject(tiny_deployme
         req = ClientRequest(request_id="nats-e2e-1", stream_subject=inbox, model="kvrelay-tiny",
                             prompt="Once upon a time", sampling=SamplingSpec(max_tokens=8, temperature=0.0))
         js = nc.jetstream()
-        await js.publish("kvrelay.default.req.default", encode(req), timeout=10)
+        await js.publish("kvrelay.default.req.default", pack(req), timeout=10)
         chunks: list[TokenChunk] = []
         while not chunks or chunks[-1].finish_reason is None:
             msg = await sub.next_msg(timeout=120)
-            chunks.append(decode(msg.data, TokenChunk))
+            chunks.append(unpack(msg.data, TokenChunk))
         chunks.sort(key=lambda c: c.seq)
         assert [c.seq for c in chunks] == list(range(len(chunks)))
         assert chunks[-1].finish_reason == "length"
@@ -221,7 +221,7 @@ async def test_up_nats_intake_invalid_request_gets_an_error_chunk(tiny_deploymen
         bad = msgpack.packb({"t": "ClientRequest", "v": 1, "b": {"request_id": "bad-1", "stream_subject": inbox,
                                                                   "prompt": "x", "messages": []}})
         await nc.jetstream().publish("kvrelay.default.req.default", bad, timeout=10)
-        chunk = decode((await sub.next_msg(timeout=60)).data, TokenChunk)
+        chunk = unpack((await sub.next_msg(timeout=60)).data, TokenChunk)
         assert chunk.finish_reason == "error" and chunk.error is not None and chunk.error.status == 400
         # and the deployment keeps serving
         r = httpx.post(f"{tiny_deployment.url}/v1/chat/completions", json=_chat(tiny_deployment, max_tokens=4),

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from kvrelay.loadtest.clients import HttpClient, NatsClient, chat_text
 from kvrelay.loadtest.plan import BenchRequest
-from kvrelay.schemas.codec import decode, encode
+from kvrelay.schemas.codec import unpack, pack
 from kvrelay.schemas.messages import ClientRequest, ErrorInfo, TokenChunk, Usage
 from kvrelay.transport.bus import Bus
 from kvrelay.transport.config import BusConfig
@@ -194,7 +194,7 @@ async def _answer(bus: Bus, psub: object, script: str, seen: list[ClientRequest]
         except nats.errors.TimeoutError:  # nothing yet
             continue
         for m in msgs:
-            req = decode(m.data, ClientRequest)
+            req = unpack(m.data, ClientRequest)
             seen.append(req)
             await m.ack()
             rid, subj = req.request_id, req.stream_subject
@@ -211,7 +211,7 @@ async def _answer(bus: Bus, psub: object, script: str, seen: list[ClientRequest]
                 if script == "gap":
                     chunks = [c for c in chunks if c.seq != 1]
             for c in chunks:
-                await bus.nc.publish(subj, encode(c))
+                await bus.nc.publish(subj, pack(c))
             await bus.nc.flush()
 
 

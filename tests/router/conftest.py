@@ -22,7 +22,7 @@ from kvrelay.router.app import Router
 from kvrelay.router.config import RouterConfig, RouterProcessConfig
 from kvrelay.schemas.hashing import CacheConfig
 from kvrelay.router.tokenizer import RouterTokenizer
-from kvrelay.schemas.codec import decode
+from kvrelay.schemas.codec import unpack
 from kvrelay.schemas.messages import Cancel, DispatchReply, ErrorInfo, PrefillTask, TokenChunk, Usage, WorkerInfo
 from kvrelay.transport.bus import Bus
 from kvrelay.transport.config import BusConfig, StreamLimits
@@ -90,11 +90,11 @@ class FakeWorker:
         task.add_done_callback(self._bg.discard)
 
     async def _on_cancel(self, msg) -> None:
-        self.cancels.append(decode(msg.data, Cancel).request_id)
+        self.cancels.append(unpack(msg.data, Cancel).request_id)
         self.cancelled.set()
 
     async def _on_task(self, msg) -> None:
-        task = decode(msg.data, PrefillTask)
+        task = unpack(msg.data, PrefillTask)
         self.tasks.append(task)
         self.got_task.set()
         if self.mode == "silent":

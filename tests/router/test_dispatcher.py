@@ -149,7 +149,7 @@ async def test_dispatcher_kv_aware_routes_to_the_worker_holding_the_prefix(clust
 
 def test_dispatcher_max_context_is_the_smallest_advertised_by_live_workers() -> None:
     from kvrelay.router.dispatcher import Dispatcher
-    from kvrelay.schemas import WorkerInfo, encode
+    from kvrelay.schemas import WorkerInfo, pack
     from kvrelay.transport.config import BusConfig
     from kvrelay.transport.discovery import Directory
 
@@ -162,7 +162,7 @@ def test_dispatcher_max_context_is_the_smallest_advertised_by_live_workers() -> 
     assert d.max_context(8192) == 8192
     assert d.max_context(None) is None
     for wid, role, n in (("p", "prefill", 2048), ("d", "decode", 4096), ("x", "decode", 0)):
-        directory.apply(wid, encode(WorkerInfo(worker_id=wid, role=role, model="m", host="h", block_size=32,
+        directory.apply(wid, pack(WorkerInfo(worker_id=wid, role=role, model="m", host="h", block_size=32,
                                                max_model_len=n)))
     assert d.max_context(8192) == 2048
     assert d.max_context(None) == 2048

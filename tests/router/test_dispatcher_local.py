@@ -20,7 +20,7 @@ import nats.errors
 import pytest
 
 from kvrelay.router.sessions import Session, marks
-from kvrelay.schemas.codec import decode
+from kvrelay.schemas.codec import unpack
 from kvrelay.schemas.messages import (
     ClientRequest,
     DispatchReply,
@@ -74,7 +74,7 @@ class FakeDecode:
         t.add_done_callback(self._bg.discard)
 
     async def _on(self, msg) -> None:
-        task = decode(msg.data, PrefillTask)
+        task = unpack(msg.data, PrefillTask)
         self.tasks.append(task)
         if self.mode == "silent":
             return
@@ -205,7 +205,7 @@ async def test_dispatcher_local_nats_client_names_its_session(cluster: Cluster, 
     chunks: asyncio.Queue[TokenChunk] = asyncio.Queue()
 
     async def on(msg) -> None:
-        await chunks.put(decode(msg.data, TokenChunk))
+        await chunks.put(unpack(msg.data, TokenChunk))
 
     await bus.subscribe(subject, on)
     req = ClientRequest(request_id=uuid.uuid4().hex, stream_subject=subject, prompt_token_ids=STEP2,

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import msgpack
 import pytest
 
-from kvrelay.schemas.codec import decode
+from kvrelay.schemas.codec import unpack
 from kvrelay.schemas.messages import Cancel, ChatMessage, ClientRequest, SamplingSpec, TokenChunk
 from kvrelay.transport.bus import Bus
 from kvrelay.transport.config import StreamLimits
@@ -32,7 +32,7 @@ class Client:
         return self
 
     async def _on(self, msg) -> None:
-        await self.chunks.put(decode(msg.data, TokenChunk))
+        await self.chunks.put(unpack(msg.data, TokenChunk))
 
     def request(self, **kw) -> ClientRequest:
         fields = {"request_id": uuid.uuid4().hex, "stream_subject": self.subject,
@@ -123,7 +123,7 @@ async def test_intake_rejects_reserved_stream_subjects(cluster: Cluster) -> None
     sub_chunks: asyncio.Queue = asyncio.Queue()
 
     async def on(msg) -> None:
-        await sub_chunks.put(decode(msg.data, TokenChunk))
+        await sub_chunks.put(unpack(msg.data, TokenChunk))
 
     await client.bus.subscribe(ok.stream_subject, on)
     await client.send(ok)

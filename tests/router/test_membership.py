@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from kvrelay.router.events import KvEventsSubscriber
+from kvrelay.router.index_feed import KvEventsSubscriber
 from kvrelay.router.index import PrefixIndex
 from kvrelay.router.membership import IndexMembership, plan
 from kvrelay.schemas.hashing import HashSpec
@@ -16,7 +16,7 @@ from kvrelay.schemas.messages import WorkerInfo
 from kvrelay.transport.bus import Bus
 from kvrelay.transport.config import BusConfig, StreamLimits
 from kvrelay.transport.discovery import Announcer, Directory
-from kvrelay.transport.kv_events import KvEventPublisher
+from kvrelay.transport.kv_event_publisher import KvEventPublisher
 
 SPEC = HashSpec(32).fingerprint
 pytestmark = pytest.mark.timeout(60)

@@ -9,7 +9,7 @@ import pytest
 
 from kvrelay.router.inflight import InflightTable
 from kvrelay.router.shared_inflight import InflightDelta, RemoteLoads, subject_token
-from kvrelay.schemas.codec import decode, encode
+from kvrelay.schemas.codec import unpack, pack
 from kvrelay.schemas.errors import SchemaError
 from kvrelay.schemas.messages import SamplingSpec, WorkerInfo
 
@@ -82,7 +82,7 @@ def test_remote_loads_forget_router() -> None:
 
 def test_inflight_delta_rejects_bad_kind_and_roundtrips() -> None:
     d = _d("dispatched", tokens=3)
-    assert decode(encode(d), InflightDelta) == d
+    assert unpack(pack(d), InflightDelta) == d
     with pytest.raises(SchemaError):
         InflightDelta.from_mapping({"router_id": "A", "request_id": "r", "kind": "exploded"})
 

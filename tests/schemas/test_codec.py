@@ -20,9 +20,9 @@ from kvrelay.schemas import (
     ValidationError,
     VersionError,
     WorkerInfo,
-    decode,
-    decode_any,
-    encode,
+    unpack,
+    unpack_any,
+    pack,
 )
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=1, head_dim=64, block_size=32, dtype="bfloat16", page_elems=4096)
@@ -46,9 +46,9 @@ def envelope(t: str, v: object, b: object) -> bytes:
 
 @pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
 def test_codec_roundtrip(msg) -> None:
-    data = encode(msg)
-    assert decode(data, type(msg)) == msg
-    assert decode_any(data) == msg
+    data = pack(msg)
+    assert unpack(data, type(msg)) == msg
+    assert unpack_any(data) == msg
 
 
 @pytest.mark.parametrize(
@@ -70,23 +70,23 @@ def test_codec_roundtrip(msg) -> None:
 )
 def test_codec_rejects_bad_input_with_typed_error(data: bytes, error: type) -> None:
     with pytest.raises(error):
-        decode(data, Cancel)
+        unpack(data, Cancel)
 
 
 def test_codec_nested_and_list_fields_are_validated() -> None:
-    body = encode(SAMPLES[0])
+    body = pack(SAMPLES[0])
     env = msgpack.unpackb(body)
     env["b"]["prompt_token_ids"] = [1, "2"]
     with pytest.raises(ValidationError, match=r"prompt_token_ids\[1\]"):
-        decode(msgpack.packb(env), PrefillTask)
+        unpack(msgpack.packb(env), PrefillTask)
     env["b"]["prompt_token_ids"] = [1]
     env["b"]["sampling"]["top_p"] = 2.0
     with pytest.raises(ValidationError, match="top_p"):
-        decode(msgpack.packb(env), PrefillTask)
+        unpack(msgpack.packb(env), PrefillTask)
     env["b"]["sampling"]["top_p"] = 1.0
     env["b"]["sampling"]["max_tokens"] = True  # a bool is not an int on the wire
     with pytest.raises(ValidationError, match="max_tokens"):
-        decode(msgpack.packb(env), PrefillTask)
+        unpack(msgpack.packb(env), PrefillTask)
 
 
 def test_client_request_needs_exactly_one_prompt_form() -> None:
@@ -100,4 +100,4 @@ def test_client_request_needs_exactly_one_prompt_form() -> None:
 def test_codec_encode_refuses_oversize_message() -> None:
     big = TokenChunk(request_id="r", seq=0, text="x" * (2 << 20))
     with pytest.raises(OversizeError):
-        encode(big)
+        pack(big)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from kvrelay.schemas.codec import decode, encode
+from kvrelay.schemas.codec import unpack, pack
 from kvrelay.schemas.errors import OversizeError, SchemaError, ValidationError
 from kvrelay.schemas.kv_events import (
     MAX_EVENT_BLOCKS,
@@ -31,7 +31,7 @@ def _batch(**kw) -> KvEventBatch:
 
 def test_kv_event_batch_round_trips() -> None:
     batch = _batch()
-    got = decode(encode(batch), KvEventBatch)
+    got = unpack(pack(batch), KvEventBatch)
     assert got == batch
     assert [e.kind for e in got.events] == ["stored", "removed", "cleared"]
     assert got.events[0].block_hashes == [1, 2, BIG]
@@ -50,7 +50,7 @@ def test_pack_hashes_rejects_non_uint64(bad: list) -> None:
 
 
 def _tamper(batch: KvEventBatch, **event_fields) -> bytes:
-    env = msgpack.unpackb(encode(batch), raw=False)
+    env = msgpack.unpackb(pack(batch), raw=False)
     env["b"]["events"][0].update(event_fields)
     return msgpack.packb(env, use_bin_type=True)
 
@@ -66,33 +66,33 @@ def _tamper(batch: KvEventBatch, **event_fields) -> bytes:
 ])
 def test_kv_event_batch_rejects_bad_events_on_receipt(fields: dict) -> None:
     with pytest.raises(SchemaError):
-        decode(_tamper(_batch(events=[KvEvent.stored([1])]), **fields), KvEventBatch)
+        unpack(_tamper(_batch(events=[KvEvent.stored([1])]), **fields), KvEventBatch)
 
 
 def test_kv_event_removed_with_parent_is_invalid() -> None:
     with pytest.raises(ValidationError, match="parent"):
-        decode(_tamper(_batch(events=[KvEvent.removed([1])]), parent=3), KvEventBatch)
+        unpack(_tamper(_batch(events=[KvEvent.removed([1])]), parent=3), KvEventBatch)
 
 
 @pytest.mark.parametrize("field,value", [("event_id", 0), ("epoch", -1), ("worker_id", "x" * 200)])
 def test_kv_event_batch_rejects_bad_header(field: str, value: object) -> None:
-    env = msgpack.unpackb(encode(_batch()), raw=False)
+    env = msgpack.unpackb(pack(_batch()), raw=False)
     env["b"][field] = value
     with pytest.raises(ValidationError):
-        decode(msgpack.packb(env, use_bin_type=True), KvEventBatch)
+        unpack(msgpack.packb(env, use_bin_type=True), KvEventBatch)
 
 
 def test_kv_event_batch_over_max_bytes_is_refused() -> None:
     events = [KvEvent.stored(list(range(MAX_EVENT_BLOCKS)))] * 20
     with pytest.raises(OversizeError):
-        encode(_batch(events=events))
+        pack(_batch(events=events))
 
 
 def test_snapshot_chunks_split_and_reassemble() -> None:
     hashes = list(range(10)) + [3]  # a hash held twice appears twice
     chunks = snapshot_chunks("w1", 2, 40, "spec", hashes, chunk_size=4)
     assert [c.chunk for c in chunks] == [0, 1, 2] and {c.chunks for c in chunks} == {3}
-    got = [decode(encode(c), KvSnapshot) for c in chunks]
+    got = [unpack(pack(c), KvSnapshot) for c in chunks]
     assert [h for c in got for h in c.block_hashes] == hashes
     assert all(c.event_id == 40 and c.epoch == 2 for c in got)
 
@@ -103,12 +103,12 @@ def test_snapshot_chunks_of_nothing_is_one_empty_chunk() -> None:
 
 
 def test_snapshot_rejects_chunk_past_count() -> None:
-    env = msgpack.unpackb(encode(snapshot_chunks("w1", 1, 0, "s", [1])[0]), raw=False)
+    env = msgpack.unpackb(pack(snapshot_chunks("w1", 1, 0, "s", [1])[0]), raw=False)
     env["b"]["chunk"] = 1
     with pytest.raises(ValidationError, match="chunk"):
-        decode(msgpack.packb(env, use_bin_type=True), KvSnapshot)
+        unpack(msgpack.packb(env, use_bin_type=True), KvSnapshot)
 
 
 def test_snapshot_request_round_trips() -> None:
     req = KvSnapshotRequest(router_id="r1", reply_to="_INBOX.abc", reason="gap")
-    assert decode(encode(req), KvSnapshotRequest) == req
+    assert unpack(pack(req), KvSnapshotRequest) == req

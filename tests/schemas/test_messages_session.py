@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from kvrelay.schemas.codec import decode, encode
+from kvrelay.schemas.codec import unpack, pack
 from kvrelay.schemas.errors import SchemaError
 from kvrelay.schemas.messages import ClientRequest, check_session_id
 
@@ -19,16 +19,16 @@ def _wire(body: dict) -> bytes:
 
 
 def test_messages_session_id_is_optional_and_round_trips() -> None:
-    assert decode(_wire(_body()), ClientRequest).session_id == ""  # older clients send none
-    req = decode(_wire(_body(session_id="agent-7:step")), ClientRequest)
+    assert unpack(_wire(_body()), ClientRequest).session_id == ""  # older clients send none
+    req = unpack(_wire(_body(session_id="agent-7:step")), ClientRequest)
     assert req.session_id == "agent-7:step"
-    assert decode(encode(req), ClientRequest) == req
+    assert unpack(pack(req), ClientRequest) == req
 
 
 @pytest.mark.parametrize("bad", ["x" * 129, "has space", "tab\there", "é", 7, None, ["a"]])
 def test_messages_bad_session_id_is_a_schema_error(bad: object) -> None:
     with pytest.raises(SchemaError, match="session_id"):
-        decode(_wire(_body(session_id=bad)), ClientRequest)
+        unpack(_wire(_body(session_id=bad)), ClientRequest)
 
 
 def test_messages_check_session_id_limits() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvrelay.schemas import Cancel, DispatchReply, decode
+from kvrelay.schemas import Cancel, DispatchReply, unpack
 from kvrelay.transport.bus import Bus
 from kvrelay.transport.config import BusConfig, StreamLimits
 from kvrelay.transport.errors import Backpressure, BusTimeout, BusUnavailable
@@ -66,7 +66,7 @@ async def test_bus_request_roundtrip_and_timeout(bus_config: BusConfig) -> None:
     bus = await Bus.connect(bus_config, "test")
     try:
         async def answer(msg):  # replies once, then goes silent
-            decode(msg.data, Cancel)
+            unpack(msg.data, Cancel)
             await bus.respond(msg, DispatchReply(accepted=True, queued_tokens=3))
 
         sub = await bus.subscribe(bus.subjects.prefill("w1"), answer)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from kvrelay.schemas import WorkerInfo, encode
+from kvrelay.schemas import WorkerInfo, pack
 from kvrelay.transport.bus import Bus
 from kvrelay.transport.config import BusConfig
 from kvrelay.transport.discovery import Announcer, Directory
@@ -71,13 +71,13 @@ def test_directory_ages_out_silent_workers_and_ignores_bad_records() -> None:
         cfg = BusConfig(worker_ttl_s=5.0)
 
     d = Directory(FakeBus(), max_workers=2, clock=lambda: now[0])  # type: ignore[arg-type]
-    d.apply("a", encode(_info("a")))
+    d.apply("a", pack(_info("a")))
     d.apply("bad", b"not msgpack at all")
-    d.apply("b", encode(_info("b", "decode")))
-    d.apply("c", encode(_info("c")))  # over the bound: ignored and counted
+    d.apply("b", pack(_info("b", "decode")))
+    d.apply("c", pack(_info("c")))  # over the bound: ignored and counted
     assert sorted(i.worker_id for i in d.live()) == ["a", "b"]
     assert d.ignored == 1
     now[0] += 4.0
-    d.apply("a", encode(_info("a")))  # a heartbeats, b stays silent
+    d.apply("a", pack(_info("a")))  # a heartbeats, b stays silent
     now[0] += 2.0
     assert [i.worker_id for i in d.live()] == ["a"]

@@ -190,7 +190,7 @@ class FakeDecodeEngine(_Observable):
     async def stop(self) -> None:
         self.is_stopped = True
 
-    async def decode(self, done: PrefillDone) -> AsyncIterator[TokenDelta]:
+    async def stream(self, done: PrefillDone) -> AsyncIterator[TokenDelta]:
         rid = done.request_id
         self.started.append(rid)
         self.running.add(rid)

@@ -13,7 +13,7 @@ from typing import Any
 from workers_fake_engines import LAYOUT, first_token
 
 from kvrelay.config import Config
-from kvrelay.schemas.codec import Message, decode
+from kvrelay.schemas.codec import Message, unpack
 from kvrelay.schemas.messages import (
     KVDescriptor,
     PrefillDone,
@@ -65,7 +65,7 @@ class Collector:
         col = cls(kind)
 
         async def on_msg(msg: Any) -> None:
-            col.queue.put_nowait(decode(msg.data, kind))
+            col.queue.put_nowait(unpack(msg.data, kind))
 
         col.sub = await bus.subscribe(subject, on_msg)
         await bus.nc.flush()
@@ -111,7 +111,7 @@ async def worker_record(bus: Bus, wid: str, pred: Callable[[WorkerInfo], bool] =
                     continue
                 if entry is None or not entry.value or entry.operation in ("DEL", "PURGE"):
                     continue
-                info = decode(entry.value, WorkerInfo)
+                info = unpack(entry.value, WorkerInfo)
                 if pred(info):
                     return info
 

@@ -67,7 +67,7 @@ async def _start(bus: Bus, cfg: Config) -> tuple[Service, SimDecodeEngine]:
     return svc, engine
 
 
-async def test_decode_local_runs_the_whole_request_from_seq_0_and_reuses_its_cache(bus, kv_config,
+async def test_stream_local_runs_the_whole_request_from_seq_0_and_reuses_its_cache(bus, kv_config,
                                                                                  namespace) -> None:
     svc, engine = await _start(bus, _cfg(kv_config))
     computed0 = _count("kvrelay_decode_local_prompt_tokens_total", source="computed")
@@ -98,7 +98,7 @@ async def test_decode_local_runs_the_whole_request_from_seq_0_and_reuses_its_cac
         await svc.close()
 
 
-async def test_decode_local_full_worker_refuses_and_pulled_work_waits_for_the_slot(bus, kv_config,
+async def test_stream_local_full_worker_refuses_and_pulled_work_waits_for_the_slot(bus, kv_config,
                                                                                    namespace) -> None:
     # modelled time runs in real time: the holder's 3000 tokens would take minutes; it is cancelled
     svc, engine = await _start(bus, _cfg(kv_config, time_scale=1.0, max_slots=1))
@@ -126,7 +126,7 @@ async def test_decode_local_full_worker_refuses_and_pulled_work_waits_for_the_sl
         await svc.close()
 
 
-async def test_decode_local_refusals_say_why(bus, kv_config, namespace) -> None:
+async def test_stream_local_refusals_say_why(bus, kv_config, namespace) -> None:
     svc, _ = await _start(bus, _cfg(kv_config))
     try:
         late = await _offer(bus, _task("late", PROMPT, namespace, deadline_s=-1.0))
@@ -143,7 +143,7 @@ async def test_decode_local_refusals_say_why(bus, kv_config, namespace) -> None:
         await svc.close()
 
 
-async def test_decode_local_engine_without_it_is_unsupported(bus, bus_config, namespace) -> None:
+async def test_stream_local_engine_without_it_is_unsupported(bus, bus_config, namespace) -> None:
     svc = Service(decode_worker.serve, config(bus_config), FakeDecodeEngine())
     await worker_record(bus, "d1")
     try:

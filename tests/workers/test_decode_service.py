@@ -20,7 +20,7 @@ from workers_harness import (
     worker_record,
 )
 
-from kvrelay.schemas.codec import decode
+from kvrelay.schemas.codec import unpack
 from kvrelay.schemas.messages import Cancel, DispatchReply, LeaseRelease, PrefillDone, TokenChunk
 from kvrelay.transport.bus import Bus
 from kvrelay.transport.config import BusConfig
@@ -251,7 +251,7 @@ async def test_decode_clean_stop_returns_unstarted_work_and_leaves_no_tasks(bus_
     # not started: nak'ed back to the queue, so another decode worker gets it now (not after ack_wait)
     other = await bus.js.pull_subscribe_bind(durable="decode", stream=bus.subjects.stream_prefilled)
     (again,) = await other.fetch(1, timeout=5)
-    assert decode(again.data, PrefillDone).request_id == "r1" and again.metadata.num_delivered == 2
+    assert unpack(again.data, PrefillDone).request_id == "r1" and again.metadata.num_delivered == 2
     assert chunks.drained() == [] and releases.drained() == []  # lease kept, client told nothing
     assert await record_gone(bus, "d1")
     await bus.close()

@@ -12,7 +12,7 @@ import pytest
 from workers_fake_engines import BLOCK_SIZE, FakePrefillEngine, first_token
 from workers_harness import Collector, Service, config, eventually, record_gone, stream_count, task, worker_record
 
-from kvrelay.schemas.codec import decode
+from kvrelay.schemas.codec import unpack
 from kvrelay.schemas.messages import Cancel, DispatchReply, LeaseRelease, PrefillDone, TokenChunk
 from kvrelay.transport.bus import Bus
 from kvrelay.transport.config import BusConfig, StreamLimits
@@ -40,7 +40,7 @@ async def dispatch(bus: Bus, t) -> DispatchReply:
 
 async def last_done(bus: Bus, subject: str) -> PrefillDone:
     raw = await bus.js.get_last_msg(bus.subjects.stream_prefilled, subject)
-    return decode(raw.data, PrefillDone)
+    return unpack(raw.data, PrefillDone)
 
 
 async def test_prefill_dispatch_streams_first_token_then_hands_over_kv(bus, bus_config, namespace) -> None:
@@ -114,13 +114,13 @@ async def test_prefill_bad_task_is_rejected_and_worker_keeps_serving(bus, bus_co
     svc = await start(bus, bus_config, engine)
     try:
         raw = await bus.nc.request(bus.subjects.prefill("p1"), b"\x93not a kvrelay envelope", timeout=10)
-        reply = decode(raw.data, DispatchReply)
+        reply = unpack(raw.data, DispatchReply)
         assert not reply.accepted and reply.code == "invalid" and reply.reason
         body = task("r0", [1], ns=namespace).to_mapping()
         body["stream_subject"] = "bad subject with spaces"
         envelope = msgpack.packb({"t": "PrefillTask", "v": 1, "b": body})  # schema-valid, bad subject
         raw = await bus.nc.request(bus.subjects.prefill("p1"), envelope, timeout=10)
-        assert decode(raw.data, DispatchReply).code == "invalid"
+        assert unpack(raw.data, DispatchReply).code == "invalid"
 
         t = task("r1", [1, 2, 3], ns=namespace)
         chunks = await Collector.open(bus, t.stream_subject, TokenChunk)

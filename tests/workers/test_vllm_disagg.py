@@ -18,6 +18,7 @@ import pytest
 import pytest_asyncio
 
 from kvrelay import models
+from kvrelay.schemas.hashing import CacheConfig
 from kvrelay.schemas.messages import PrefillDone, PrefillTask, SamplingSpec
 from kvrelay.workers.config import DecodeConfig, EngineConfig, PrefillConfig
 from kvrelay.workers.engine import PrefillOutput, TokenDelta
@@ -73,7 +74,7 @@ async def _plain_vllm_outputs(engine_cfg: EngineConfig) -> dict[str, tuple[list[
     args = AsyncEngineArgs(
         model=engine_cfg.model,
         dtype="float32",
-        block_size=engine_cfg.block_size,
+        block_size=CacheConfig().block_size,
         max_model_len=engine_cfg.max_model_len,
         enforce_eager=True,
         seed=0,
@@ -149,7 +150,7 @@ def _done(task: PrefillTask, out: PrefillOutput) -> PrefillDone:
 
 
 async def _decode(decode: VllmDecodeEngine, done: PrefillDone) -> tuple[list[int], TokenDelta, TokenDelta]:
-    deltas = [d async for d in decode.decode(done)]
+    deltas = [d async for d in decode.stream(done)]
     tokens = [done.first_token_id] + [t for d in deltas for t in d.token_ids]
     return tokens, deltas[0], deltas[-1]
 
@@ -266,7 +267,7 @@ async def test_vllm_disagg_aborted_decode_leaks_no_blocks(engines, baseline) -> 
 
     # 2: the consumer stops reading after the first token
     again = long_task.replace(request_id=long_task.request_id + "-2")
-    stream = decode.decode(_done(again, out))
+    stream = decode.stream(_done(again, out))
     first = await stream.__anext__()
     assert first.token_ids
     await stream.aclose()
@@ -304,7 +305,7 @@ async def test_vllm_disagg_local_prefill_gives_the_normal_paths_tokens(engines, 
     prefill.release(done.kv.ticket)
     assert tokens == baseline["local_base"][0]
     imports = decode.counters["imports"]
-    deltas = [d async for d in decode.decode_local(_task("local_ext"))]
+    deltas = [d async for d in decode.stream_local(_task("local_ext"))]
     local = [t for d in deltas for t in d.token_ids]
     assert local == baseline["local_ext"][0]
     assert deltas[0].cached_tokens == 128  # local_base's 4 full blocks were not computed again
@@ -323,10 +324,10 @@ async def test_vllm_decode_stream_first_read_in_a_task_closes_cleanly(engines, b
     prefill, decode = engines
     task = _task("conc6" if local else "conc7", max_tokens=40)
     if local:
-        stream = decode.decode_local(task)
+        stream = decode.stream_local(task)
     else:
         out = await prefill.prefill(task)
-        stream = decode.decode(_done(task, out))
+        stream = decode.stream(_done(task, out))
     first = await asyncio.ensure_future(stream.__anext__())
     assert first.token_ids
     await stream.aclose()  # raised ValueError (a contextvar token from another Context) before

@@ -11,7 +11,7 @@ expired or released, wrong pages, transfer past ``transfer_timeout_s``) falls ba
 recomputing the prompt locally (modelled prefill time; ``kv_recomputed`` on the first delta).
 Prompt blocks already cached here are neither transferred nor recomputed.
 
-Local prefill (``decode_local``, decode affinity): the whole request runs here. Its prompt's
+Local prefill (``stream_local``, decode affinity): the whole request runs here. Its prompt's
 blocks come from this engine's own block manager; only the uncached tokens cost modelled prefill
 time (at least one token, as vLLM recomputes the last one); nothing is transferred. The tokens are
 the same as through a prefill worker (``sim_tokens`` of the prompt), the first one included.
@@ -107,7 +107,7 @@ class SimDecodeEngine(SimEngineBase):
                            extra={k: float(v) for k, v in self.counters.items()})
 
     # --- one request -------------------------------------------------------------------------------
-    async def decode(self, done: PrefillDone) -> AsyncIterator[TokenDelta]:
+    async def stream(self, done: PrefillDone) -> AsyncIterator[TokenDelta]:
         rid = done.request_id
         if self._stepper is None:
             raise EngineError("the simulated decode engine is not started")
@@ -129,7 +129,7 @@ class SimDecodeEngine(SimEngineBase):
         finally:
             self._aborts.pop(rid, None)
 
-    async def decode_local(self, task: PrefillTask) -> AsyncIterator[TokenDelta]:
+    async def stream_local(self, task: PrefillTask) -> AsyncIterator[TokenDelta]:
         """The whole request here: prefill the uncached part of the prompt, then decode (module doc)."""
         rid, prompt = task.request_id, task.prompt_token_ids
         if self._stepper is None:

@@ -38,7 +38,7 @@ from kvrelay.schemas.messages import KVDescriptor, PrefillTask
 from kvrelay.transport.bus import Bus
 from kvrelay.transport.errors import RegionFull
 from kvrelay.transport.kv.leases import LeaseTable
-from kvrelay.transport.kv_events import KvEventPublisher
+from kvrelay.transport.kv_event_publisher import KvEventPublisher
 from kvrelay.workers.config import EngineConfig, PrefillConfig
 from kvrelay.workers.engine import EngineInfo, EngineStats, PrefillOutput
 from kvrelay.workers.errors import EngineError, ExportFull

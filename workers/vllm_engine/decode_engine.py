@@ -16,7 +16,7 @@ and counted (``kvrelay_kv_transfer_*``, ``transport.kv.metrics``).
 The import is over (loaded, recomputed, or given up) when the first delta is yielded: the
 caller may release the prefill worker's lease then.
 
-Local prefill (``decode_local``, decode affinity): the whole prompt is submitted with no
+Local prefill (``stream_local``, decode affinity): the whole prompt is submitted with no
 ``kv_transfer_params`` and the request's full ``max_tokens``; vLLM's prefix cache (same
 ``cache_salt`` as the transferred requests) serves the blocks this engine holds, so only the
 rest is computed. The first delta carries every token so far and ``cached_tokens`` (vLLM's
@@ -41,7 +41,7 @@ from kvrelay.transport.kv.region import layout_fingerprint
 from kvrelay.workers.config import DecodeConfig, EngineConfig
 from kvrelay.workers.engine import EngineInfo, EngineStats, TokenDelta
 from kvrelay.workers.errors import EngineError
-from kvrelay.workers.vllm_engine.kv_events import KvEventsMixin, cache_salt
+from kvrelay.workers.vllm_engine.vllm_events import KvEventsMixin, cache_salt
 from kvrelay.workers.vllm_engine.params import IMPORT_KEY, ConnectorConfig, Notice
 from kvrelay.workers.vllm_engine.runtime import VllmRuntime, sampling_params, translate
 
@@ -123,7 +123,7 @@ class VllmDecodeEngine(KvEventsMixin):
             and layout_fingerprint(kv.layout) == layout_fingerprint(self._rt.layout)
         )
 
-    async def decode(self, done: PrefillDone) -> AsyncIterator[TokenDelta]:
+    async def stream(self, done: PrefillDone) -> AsyncIterator[TokenDelta]:
         # no log context is bound here: a generator's first step may run in another task than its
         # close (decode.py reads the first delta in a task of its own); the callers bind request_id
         max_tokens = done.sampling.max_tokens - 1
@@ -145,7 +145,7 @@ class VllmDecodeEngine(KvEventsMixin):
         async for delta in self._stream(done, max_tokens, kv_params, nonce):
             yield delta
 
-    async def decode_local(self, task: PrefillTask) -> AsyncIterator[TokenDelta]:
+    async def stream_local(self, task: PrefillTask) -> AsyncIterator[TokenDelta]:
         """The whole request on this engine: no KV transfer, the prefix cache serves what it holds."""
         from vllm.inputs import TokensPrompt
 
@@ -178,7 +178,7 @@ class VllmDecodeEngine(KvEventsMixin):
         sp = sampling_params(done.sampling, max_tokens=max_tokens, kv_params=kv_params, delta=True)
         prompt = TokensPrompt(prompt_token_ids=[*done.prompt_token_ids, done.first_token_id])
         if salt := cache_salt(done.tenant):
-            prompt["cache_salt"] = salt  # tenants never share vLLM blocks (kv_events.py)
+            prompt["cache_salt"] = salt  # tenants never share vLLM blocks (vllm_events.py)
         self.counters["decodes"] += 1
         first, outputs = True, self._outputs(prompt, sp, done.request_id)
         try:

@@ -42,7 +42,7 @@ from kvrelay.transport.kv.tcp_server import BlockServer, BlockServerConfig
 from kvrelay.workers.config import EngineConfig, PrefillConfig
 from kvrelay.workers.engine import EngineInfo, EngineStats, PrefillOutput
 from kvrelay.workers.errors import EngineDead, EngineError, ExportFull
-from kvrelay.workers.vllm_engine.kv_events import KvEventsMixin, cache_salt
+from kvrelay.workers.vllm_engine.vllm_events import KvEventsMixin, cache_salt
 from kvrelay.workers.vllm_engine.params import EXPORT_KEY, ConnectorConfig, Notice
 from kvrelay.workers.vllm_engine.runtime import VllmRuntime, sampling_params, translate
 

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from kvrelay.schemas.codec import encode
+from kvrelay.schemas.codec import pack
 from kvrelay.schemas.hashing import CacheConfig
 from kvrelay.schemas.messages import PrefillDone, PrefillTask, SamplingSpec
 from kvrelay.workers.config import DecodeConfig, EngineConfig, PrefillConfig
@@ -44,7 +44,7 @@ def done_for(task: PrefillTask, out) -> PrefillDone:
 
 
 async def collect(engine: DecodeEngine, done: PrefillDone) -> list[TokenDelta]:
-    return [d async for d in engine.decode(done)]
+    return [d async for d in engine.stream(done)]
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def test_sim_engines_satisfy_the_protocols() -> None:
     d: DecodeEngine = SimDecodeEngine(engine_cfg(), DecodeConfig())
     for name in ("start", "stop", "prefill", "abort", "release", "expire_leases", "stats"):
         assert callable(getattr(p, name))
-    for name in ("start", "stop", "decode", "abort", "stats"):
+    for name in ("start", "stop", "stream", "stream_local", "abort", "stats"):
         assert callable(getattr(d, name))
     assert p.info.block_size == 32 and p.info.layout == d.info.layout
 
@@ -138,10 +138,10 @@ async def test_sim_decode_imports_in_another_process(engines, tmp_path) -> None:
     t = make_task("r1", max_tokens=4)
     out = await p.prefill(t)
     msg = tmp_path / "done.bin"
-    msg.write_bytes(encode(done_for(t, out)))
+    msg.write_bytes(pack(done_for(t, out)))
     script = (
         "import asyncio, json, sys\n"
-        "from kvrelay.schemas.codec import decode\n"
+        "from kvrelay.schemas.codec import unpack\n"
         "from kvrelay.schemas.messages import PrefillDone\n"
         "from kvrelay.workers.config import DecodeConfig, EngineConfig\n"
         "from kvrelay.workers.sim import SimDecodeEngine\n"
@@ -149,8 +149,8 @@ async def test_sim_decode_imports_in_another_process(engines, tmp_path) -> None:
         "    cfg = EngineConfig(kind='sim', sim_time_scale=0.0)\n"
         "    d = SimDecodeEngine(cfg, DecodeConfig())\n"
         "    await d.start()\n"
-        "    done = decode(open(sys.argv[1], 'rb').read(), PrefillDone)\n"
-        "    ds = [x async for x in d.decode(done)]\n"
+        "    done = unpack(open(sys.argv[1], 'rb').read(), PrefillDone)\n"
+        "    ds = [x async for x in d.stream(done)]\n"
         "    await d.stop()\n"
         "    print(json.dumps({'tokens': [t for x in ds for t in x.token_ids],\n"
         "                      'loaded': ds[0].kv_loaded_tokens, 'recomputed': ds[0].kv_recomputed}))\n"
@@ -201,7 +201,7 @@ async def test_sim_decode_abort_ends_the_stream() -> None:
     try:
         t = make_task("r1", max_tokens=1000)
         out = await p.prefill(t)
-        stream = d.decode(done_for(t, out))
+        stream = d.stream(done_for(t, out))
         first = await asyncio.wait_for(stream.__anext__(), 10)
         assert first.finish_reason is None and first.token_ids
         await d.abort("r1")

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 from workers_harness import Collector, Service, config, eventually, task, worker_record
 
-from kvrelay.router.events import KvEventsSubscriber
+from kvrelay.router.index_feed import KvEventsSubscriber
 from kvrelay.router.index import PrefixIndex
 from kvrelay.schemas.messages import DispatchReply, TokenChunk
 from kvrelay.transport.bus import Bus

@@ -13,7 +13,7 @@ import pytest_asyncio
 from kvrelay import models
 from kvrelay.config import Config
 from kvrelay.schemas.hashing import CacheConfig
-from kvrelay.router.events import KvEventsSubscriber
+from kvrelay.router.index_feed import KvEventsSubscriber
 from kvrelay.router.policy_factory import kv_routing
 from kvrelay.schemas.messages import PrefillDone, PrefillTask, SamplingSpec
 from kvrelay.transport.bus import Bus
@@ -101,7 +101,7 @@ async def test_vllm_kv_events_index_holds_request_full_block_hashes(deployed) ->
     done = PrefillDone(request_id=task.request_id, tenant="acme", prompt_token_ids=prompt,
                        first_token_id=out.first_token_id, sampling=task.sampling, stream_subject="s",
                        deadline_ms=0, prefill_worker="p0", kv=out.kv)
-    deltas = [d async for d in decode.decode(done)]
+    deltas = [d async for d in decode.stream(done)]
     assert deltas[-1].finish_reason == "length"
     await _until(lambda: index.match(want).get("d0") == 3, "the decode worker's blocks")
     if out.kv is not None:

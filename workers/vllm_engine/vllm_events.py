@@ -37,7 +37,7 @@ from kvrelay.base.logs import get_logger
 from kvrelay.schemas.hashing import CacheConfig, HashSpec, block_hashes, tenant_salt
 from kvrelay.schemas.kv_events import MAX_EVENT_BLOCKS
 from kvrelay.transport.bus import Bus
-from kvrelay.transport.kv_events import KvEventPublisher
+from kvrelay.transport.kv_event_publisher import KvEventPublisher
 from kvrelay.workers.errors import EngineError
 
 log = get_logger(__name__)

@@ -24,7 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from kvrelay.base.logs import get_logger
 from kvrelay.router.index import PrefixIndex
-from kvrelay.schemas.codec import decode, encode
+from kvrelay.schemas.codec import unpack, pack
 from kvrelay.schemas.errors import SchemaError
 from kvrelay.schemas.kv_events import KvEventBatch, KvSnapshot, KvSnapshotRequest
 from kvrelay.transport.bus import Bus
@@ -80,7 +80,7 @@ class KvEventsSubscriber:
     # --- events ---------------------------------------------------------------------------------
     async def _on_batch(self, msg: Msg) -> None:
         try:
-            batch = decode(msg.data, KvEventBatch)
+            batch = unpack(msg.data, KvEventBatch)
         except SchemaError as exc:
             self.counters["bad_batches"] += 1
             log.warning("kv_event_batch_rejected", subject=msg.subject, error=str(exc))
@@ -141,7 +141,7 @@ class KvEventsSubscriber:
         sub = await self.bus.subscribe(inbox, on_chunk)
         try:
             req = KvSnapshotRequest(router_id=self.router_id, reply_to=inbox, reason="gap")
-            await self.bus.publish(self.bus.subjects.kv_snapshot(worker_id), encode(req))
+            await self.bus.publish(self.bus.subjects.kv_snapshot(worker_id), pack(req))
             got: dict[int, KvSnapshot] = {}
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.snapshot_timeout_s
@@ -154,7 +154,7 @@ class KvEventsSubscriber:
                     msg = await asyncio.wait_for(queue.get(), left)
                 except asyncio.TimeoutError:
                     continue
-                chunk = decode(msg.data, KvSnapshot)
+                chunk = unpack(msg.data, KvSnapshot)
                 if chunk.worker_id != worker_id:
                     raise SchemaError(f"asked {worker_id} for a snapshot, got one of {chunk.worker_id}")
                 got[chunk.chunk] = chunk

@@ -8,14 +8,14 @@ from collections.abc import Callable
 
 import pytest
 
-from kvrelay.router.events import KvEventsSubscriber
+from kvrelay.router.index_feed import KvEventsSubscriber
 from kvrelay.router.index import PrefixIndex
-from kvrelay.schemas.codec import encode
+from kvrelay.schemas.codec import pack
 from kvrelay.schemas.hashing import HashSpec
 from kvrelay.schemas.kv_events import KvEvent, KvEventBatch
 from kvrelay.transport.bus import Bus
 from kvrelay.transport.config import BusConfig, StreamLimits
-from kvrelay.transport.kv_events import KvEventPublisher, KvPublisherConfig
+from kvrelay.transport.kv_event_publisher import KvEventPublisher, KvPublisherConfig
 
 SPEC = HashSpec(32).fingerprint
 pytestmark = pytest.mark.timeout(60)
@@ -154,7 +154,7 @@ async def test_events_mismatched_spec_is_rejected_loudly(kv_config: BusConfig) -
     try:
         batch = KvEventBatch(worker_id="w9", epoch=1, event_id=1, spec=HashSpec(16).fingerprint,
                              events=[KvEvent.stored([1])])
-        await rbus.js_publish(rbus.subjects.kv_events("w9"), encode(batch))
+        await rbus.js_publish(rbus.subjects.kv_events("w9"), pack(batch))
         await rbus.publish(rbus.subjects.kv_events("w9"), b"not msgpack")  # core publish: stream too
         await until(sub, lambda: index.counters["spec_mismatches"] == 1 and sub.counters["bad_batches"] == 1)
         assert index.match([1]) == {}
@@ -193,7 +193,7 @@ async def test_events_publisher_buffer_full_forces_a_resync(kv_config: BusConfig
 def test_kv_index_collector_shows_spec_mismatches() -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from kvrelay.router.events import KvIndexCollector
+    from kvrelay.router.index_feed import KvIndexCollector
 
     idx = PrefixIndex(SPEC)
     for wid, spec in (("a", SPEC), ("b", HashSpec(16).fingerprint)):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from nats.aio.msg import Msg
 
 from kvrelay.base.logs import get_logger
-from kvrelay.schemas.codec import decode, encode
+from kvrelay.schemas.codec import unpack, pack
 from kvrelay.schemas.errors import SchemaError
 from kvrelay.schemas.kv_events import KvEvent, KvEventBatch, KvSnapshotRequest, snapshot_chunks
 from kvrelay.transport.bus import Bus
@@ -154,7 +154,7 @@ class KvEventPublisher:
     async def _publish(self, batch: KvEventBatch) -> None:
         async with self._lock:
             try:
-                await self.bus.js_publish(self.subject, encode(batch), timeout=self.cfg.publish_timeout_s,
+                await self.bus.js_publish(self.subject, pack(batch), timeout=self.cfg.publish_timeout_s,
                                           msg_id=f"{self.worker_id}:{batch.epoch}:{batch.event_id}")
             except (TransportError, SchemaError) as exc:
                 # the id is now a gap: routers will ask for a snapshot
@@ -168,7 +168,7 @@ class KvEventPublisher:
     # --- snapshots -------------------------------------------------------------------------------------
     async def _on_snapshot(self, msg: Msg) -> None:
         try:
-            req = decode(msg.data, KvSnapshotRequest)
+            req = unpack(msg.data, KvSnapshotRequest)
             check_subject(req.reply_to, "reply_to")
         except (SchemaError, ValueError) as exc:
             self.counters["bad_requests"] += 1

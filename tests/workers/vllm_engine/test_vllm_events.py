@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from kvrelay.schemas.hashing import HashSpec, tenant_salt
-from kvrelay.workers.vllm_engine.kv_events import KvHashTranslator, _tenant_of, cache_salt
+from kvrelay.workers.vllm_engine.vllm_events import KvHashTranslator, _tenant_of, cache_salt
 
 kv = pytest.importorskip("vllm.distributed.kv_events")
 

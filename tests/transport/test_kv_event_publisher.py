@@ -7,11 +7,11 @@ import asyncio
 import pytest
 from nats.js.api import DeliverPolicy
 
-from kvrelay.schemas.codec import decode, encode
+from kvrelay.schemas.codec import unpack, pack
 from kvrelay.schemas.kv_events import KvEventBatch, KvSnapshot, KvSnapshotRequest
 from kvrelay.transport.bus import Bus
 from kvrelay.transport.config import BusConfig, StreamLimits
-from kvrelay.transport.kv_events import KvEventPublisher, KvPublisherConfig
+from kvrelay.transport.kv_event_publisher import KvEventPublisher, KvPublisherConfig
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -28,7 +28,7 @@ async def _read_stream(bus: Bus, n: int) -> list[KvEventBatch]:
     sub = await bus.js.subscribe(s.kv_events_all, stream=s.stream_kv_events, ordered_consumer=True,
                                  deliver_policy=DeliverPolicy.ALL)
     try:
-        return [decode((await sub.next_msg(timeout=5)).data, KvEventBatch) for _ in range(n)]
+        return [unpack((await sub.next_msg(timeout=5)).data, KvEventBatch) for _ in range(n)]
     finally:
         await sub.unsubscribe()
 
@@ -73,19 +73,19 @@ async def test_kv_event_publisher_answers_snapshot_requests(kv_config: BusConfig
         pub.stored([5, 6])
         inbox = bus.nc.new_inbox()
         sub = await bus.nc.subscribe(inbox)
-        await bus.publish(bus.subjects.kv_snapshot("w1"), encode(
+        await bus.publish(bus.subjects.kv_snapshot("w1"), pack(
             KvSnapshotRequest(router_id="r", reply_to=inbox, reason="test")))
-        snap = decode((await sub.next_msg(timeout=5)).data, KvSnapshot)
+        snap = unpack((await sub.next_msg(timeout=5)).data, KvSnapshot)
         # the buffered event was numbered first, so the snapshot is "after event 1"
         assert (snap.event_id, snap.epoch, snap.block_hashes, snap.chunks) == (1, 3, [5, 6, 6], 1)
         await bus.publish(bus.subjects.kv_snapshot("w1"), b"junk")
-        await bus.publish(bus.subjects.kv_snapshot("w1"), encode(
+        await bus.publish(bus.subjects.kv_snapshot("w1"), pack(
             KvSnapshotRequest(router_id="r", reply_to="bad subject *", reason="test")))
         # one subscription delivers in order and its handler takes one message at a time: once a
         # later good request is answered, both bad ones were seen
-        await bus.publish(bus.subjects.kv_snapshot("w1"), encode(
+        await bus.publish(bus.subjects.kv_snapshot("w1"), pack(
             KvSnapshotRequest(router_id="r", reply_to=inbox, reason="test")))
-        decode((await sub.next_msg(timeout=10)).data, KvSnapshot)
+        unpack((await sub.next_msg(timeout=10)).data, KvSnapshot)
         assert pub.counters["bad_requests"] == 2
     finally:
         await pub.close()
