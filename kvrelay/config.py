@@ -16,6 +16,7 @@ from kvrelay.router.config import RouterConfig, RouterProcessConfig
 from kvrelay.schemas.errors import ValidationError
 from kvrelay.schemas.hashing import CacheConfig
 from kvrelay.schemas.struct import Struct, typed
+from kvrelay.supervisor import SuperviseConfig
 from kvrelay.transport.config import BusConfig
 from kvrelay.workers.config import DecodeConfig, EngineConfig, PrefillConfig, WorkerProcessConfig
 
@@ -30,6 +31,7 @@ class Config(Struct):
     engine: EngineConfig = EngineConfig()
     prefill: PrefillConfig = PrefillConfig()
     decode: DecodeConfig = DecodeConfig()
+    supervise: SuperviseConfig = SuperviseConfig()  # kvrelay up: restarts of dead children
 
     def worker_process(self) -> WorkerProcessConfig:
         """What a worker process is built from (everything but the router's section)."""

@@ -2,8 +2,10 @@
 
 An embedded nats-server (unless --nats-url), one router (OpenAI-compatible HTTP API + NATS
 intake), N prefill and M decode workers, each its own process with its log in the run folder.
-Ready when the router's /health says a prefill and a decode worker are live. Ctrl-C (or
-SIGTERM) stops the children in order: SIGTERM, a grace period, then SIGKILL.
+Ready when the router's /health says a prefill and a decode worker are live. A child that dies
+is restarted with back-off, a bounded number of times per window (``kvrelay.supervisor``); the
+others keep serving meanwhile. Ctrl-C (or SIGTERM) stops the children in order: SIGTERM, a grace
+period, then SIGKILL.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvrelay.base import envs
+from kvrelay.base.tasks import cancel_and_wait
 from kvrelay.config import Config
+from kvrelay.supervisor import RestartPolicy, SuperviseConfig
 from kvrelay.transport.server import NatsServer, die_with_parent
 
 GRACE_S = 20.0
@@ -40,6 +44,17 @@ class Child:
             env=env, start_new_session=True, preexec_fn=die_with_parent,
         )
 
+    async def restart(self, env: dict[str, str], delay_s: float) -> None:
+        """Start again after ``delay_s`` (the log file is appended to)."""
+        await asyncio.sleep(delay_s)
+        self._close_log()
+        await self.start(env)
+
+    def _close_log(self) -> None:
+        if self.log_file is not None:
+            self.log_file.close()  # type: ignore[attr-defined]
+            self.log_file = None
+
     async def stop(self, grace: float = GRACE_S) -> None:
         proc = self.proc
         if proc is not None and proc.returncode is None:
@@ -49,9 +64,7 @@ class Child:
             except asyncio.TimeoutError:
                 os.killpg(proc.pid, signal.SIGKILL)
                 await proc.wait()
-        if self.log_file is not None:
-            self.log_file.close()  # type: ignore[attr-defined]
-            self.log_file = None
+        self._close_log()
 
     def tail(self, n: int = 25) -> str:
         try:
@@ -131,22 +144,40 @@ def _banner(cfg: Config, nats_url: str, log_dir: Path, started: float) -> str:
     )
 
 
-async def _supervise(children: list[Child], stop: asyncio.Event) -> int:
-    """Wait for Ctrl-C, or for a child to die (then everything stops, exit code 1)."""
-    waits = {asyncio.ensure_future(c.proc.wait()): c for c in children if c.proc is not None}
+async def _supervise(children: list[Child], stop: asyncio.Event, env: dict[str, str],
+                     cfg: SuperviseConfig) -> int:
+    """Until Ctrl-C (exit code 0), restarting children that die (``kvrelay.supervisor``); a child
+    that exhausts its restarts stops the deployment (exit code 1). The others serve meanwhile."""
+    policies = {c.name: RestartPolicy(cfg) for c in children}
+    tasks: dict[asyncio.Future, tuple[str, Child]] = {
+        asyncio.ensure_future(c.proc.wait()): ("exit", c) for c in children if c.proc is not None}
     stopper = asyncio.ensure_future(stop.wait())
     try:
-        done, _ = await asyncio.wait([stopper, *waits], return_when=asyncio.FIRST_COMPLETED)
+        while True:
+            done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            if stopper in done:
+                return 0
+            for fut in done:
+                kind, c = tasks.pop(fut)
+                if kind == "restart":
+                    fut.result()  # a failed start is an error of kvrelay up itself
+                    print(f"kvrelay: {c.name} restarted (pid {c.proc.pid})", flush=True)
+                    tasks[asyncio.ensure_future(c.proc.wait())] = ("exit", c)
+                    continue
+                decision = policies[c.name].on_exit(time.monotonic())
+                code = c.proc.returncode
+                if not decision.restart:
+                    print(f"kvrelay: {c.name} exited unexpectedly (code {code}) and used up its restarts "
+                          f"({cfg.max_restarts} in {cfg.window_s:.0f}s): stopping\n{c.tail()}",
+                          file=sys.stderr, flush=True)
+                    return 1
+                print(f"kvrelay: {c.name} exited unexpectedly (code {code}); restart "
+                      f"{policies[c.name].total} in {decision.delay_s:.1f}s "
+                      f"({decision.restarts_in_window}/{cfg.max_restarts} in the window)\n{c.tail(10)}",
+                      file=sys.stderr, flush=True)
+                tasks[asyncio.ensure_future(c.restart(env, decision.delay_s))] = ("restart", c)
     finally:
-        for f in [stopper, *waits]:
-            f.cancel()
-        await asyncio.gather(stopper, *waits, return_exceptions=True)
-    if stopper in done:
-        return 0
-    for f in done:
-        c = waits[f]
-        print(f"kvrelay: {c.name} exited unexpectedly (code {c.proc.returncode}):\n{c.tail()}", file=sys.stderr)
-    return 1
+        await cancel_and_wait([stopper, *tasks])
 
 
 async def _up(cfg: Config, args: argparse.Namespace, stop: asyncio.Event) -> int:
@@ -168,7 +199,7 @@ async def _up(cfg: Config, args: argparse.Namespace, stop: asyncio.Event) -> int
     try:
         for c in children:
             await c.start(env)
-        print(f"kvrelay: started {', '.join(c.name for c in children)}; waiting for the workers "
+        print(f"kvrelay: started {', '.join(f'{c.name} (pid {c.proc.pid})' for c in children)}; waiting for the workers "
               f"(loading the model takes a while; logs in {log_dir})", flush=True)
         health = f"http://{cfg.router.http_host}:{cfg.router.http_port}/health"
         why = await _wait_ready(children, health, stop, cfg.engine.startup_timeout_s)
@@ -178,7 +209,7 @@ async def _up(cfg: Config, args: argparse.Namespace, stop: asyncio.Event) -> int
             print(f"kvrelay: {why}", file=sys.stderr)
             return 1
         print(_banner(cfg, nats_url, log_dir, started), flush=True)
-        return await _supervise(children, stop)
+        return await _supervise(children, stop, env, cfg.supervise)
     finally:
         print("kvrelay: stopping...", flush=True)
         # router first (stops intake), then workers, in parallel within each group

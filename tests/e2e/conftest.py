@@ -38,6 +38,23 @@ class Deployment:
     namespace: str = "default"
     output: list[str] = field(default_factory=list)
     metrics: dict[str, str] = field(default_factory=dict)
+    lines: queue.Queue[str | None] | None = None
+
+    def wait_for_line(self, pattern: str, timeout: float = 60.0) -> re.Match[str]:
+        """The next output line (after those already read) matching ``pattern``; fails after ``timeout``."""
+        assert self.lines is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                line = None
+            if line is None:
+                pytest.fail(f"no line matching {pattern!r} within {timeout}s:\n" + "".join(self.output[-40:]))
+            self.output.append(line)
+            m = re.search(pattern, line)
+            if m:
+                return m
 
     def log(self, name: str) -> str:
         return (self.run_dir / "logs" / f"{name}.log").read_text(errors="replace")
@@ -90,7 +107,7 @@ def start_deployment(run_dir: Path, model: str, extra: list[str]) -> Deployment:
         if "kvrelay is up" in line:
             break
     return Deployment(proc=proc, url=f"http://127.0.0.1:{port}", nats_url=nats_url, run_dir=run_dir,
-                      model=model, output=output)
+                      model=model, output=output, lines=lines)
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +168,18 @@ def metric():
 @pytest.fixture(name="start_deployment", scope="session")
 def _start_deployment_fixture():
     return start_deployment
+
+
+@pytest.fixture
+def start_up(tmp_path):
+    """``start_up(extra_args)`` -> a fresh `kvrelay up` Deployment on the tiny model, stopped at the end."""
+    started: list[Deployment] = []
+
+    def start(extra: list[str]) -> Deployment:
+        dep = start_deployment(tmp_path / f"run{len(started)}", "tiny", extra)
+        started.append(dep)
+        return dep
+
+    yield start
+    for dep in started:
+        dep.stop()
