@@ -33,7 +33,7 @@ from kvrelay.loadtest.report import emit
 from kvrelay.schemas.messages import PrefillDone, PrefillTask, SamplingSpec
 from kvrelay.transport.kv.region import block_nbytes
 from kvrelay.workers.config import DecodeConfig, EngineConfig, PrefillConfig
-from kvrelay.workers.vllm_engine.engine import VllmDecodeEngine, VllmPrefillEngine
+from kvrelay.workers.vllm_engine import VllmDecodeEngine, VllmPrefillEngine
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -126,7 +126,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 await _one(p, d, prompt(tokens), prompt(tokens), f"{tokens}-{i}") for i in range(args.repeats)
             ]
             medians = {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}
-            kv_bytes = -(-tokens // ec.block_size) * block_nbytes(p.info.layout)
+            kv_bytes = -(-tokens // p.info.block_size) * block_nbytes(p.info.layout)
             results.append({"tokens": tokens, "kv_bytes": kv_bytes, **medians})
     finally:
         await d.stop()

@@ -37,7 +37,7 @@ from kvrelay.loadtest.report import emit
 from kvrelay.schemas.messages import PrefillDone, PrefillTask, SamplingSpec
 from kvrelay.transport.kv.region import block_nbytes
 from kvrelay.workers.config import DecodeConfig, EngineConfig, PrefillConfig
-from kvrelay.workers.vllm_engine.engine import VllmDecodeEngine, VllmPrefillEngine
+from kvrelay.workers.vllm_engine import VllmDecodeEngine, VllmPrefillEngine
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -122,7 +122,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         prompt = [rng.randrange(100, 40_000) for _ in range(tokens)]
                         runs.append(await _one(p, d, prompt, f"{backend}-{tokens}-{i}"))
                     row = {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}
-                    nbytes = -(-tokens // ec.block_size) * block_nbytes(p.info.layout)
+                    nbytes = -(-tokens // p.info.block_size) * block_nbytes(p.info.layout)
                     row["transfer_gb_per_s"] = round(nbytes / row["transfer_ms"] / 1e6, 3)
                     if backend == args.backend[0]:
                         prompt = [rng.randrange(100, 40_000) for _ in range(tokens)]

@@ -23,7 +23,8 @@ class PlotError(RuntimeError):
     """Plotting is unavailable (matplotlib missing)."""
 
 
-def _plt():  # type: ignore[no-untyped-def]
+def pyplot():  # type: ignore[no-untyped-def]
+    """matplotlib.pyplot on the Agg backend; PlotError without matplotlib."""
     try:
         import matplotlib
 
@@ -59,7 +60,7 @@ def _cdf(values: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
 
 def latency_cdfs(series: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path, title: str) -> Path:
     """One panel per latency (TTFT, ITL, E2E), one CDF line per series label."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=90)
     for ax, (key, label) in zip(axes, LATENCIES):
         for name, values in series.items():
@@ -83,7 +84,7 @@ def latency_cdfs(series: Mapping[str, Mapping[str, Sequence[float]]], path: str 
 def throughput(series: Mapping[str, Sequence[RequestRecord]], path: str | Path, title: str,
                bin_s: float = 5.0) -> Path:
     """Output tokens/s over time per series label (``bin_s`` bins from the first send)."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.4), dpi=90)
     for name, records in series.items():
         tl = throughput_timeline(records, bin_s)
@@ -100,7 +101,7 @@ def throughput(series: Mapping[str, Sequence[RequestRecord]], path: str | Path, 
 
 def bars(rows: Mapping[str, Mapping[str, float]], path: str | Path, title: str, ylabel: str) -> Path:
     """Grouped bars: ``rows[group][label] = value`` (used by the scale projection)."""
-    plt = _plt()
+    plt = pyplot()
     groups = list(rows)
     labels = sorted({k for r in rows.values() for k in r})
     fig, ax = plt.subplots(figsize=(9, 3.6), dpi=90)

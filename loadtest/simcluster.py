@@ -1,6 +1,7 @@
 """A discrete-event simulation of a serving cluster on a virtual clock, timed by a cost model.
 
-SIMULATED: nothing here runs a model. Every duration comes from ``workers.sim.cost.CostModel``:
+SIMULATED: nothing here runs a model. Every duration comes from ``workers.sim.cost.CostModel``
+(``forward_s``, ``kv_transfer_s``):
 
     prefill-only forward of c new tokens      prefill_fixed_s + c / prefill_tokens_per_s (+ attention)
     decode step of a batch of b sequences     decode_fixed_s + decode_per_seq_s * b
@@ -148,10 +149,7 @@ class Worker:
         if not b and not c:
             self.busy = False
             return
-        cost = self.cost
-        d = c / cost.prefill_tokens_per_s
-        d += sum(cost.prefill_attn_s * n * (r.prefilled + n / 2) for r, n in pieces)
-        d += cost.decode_fixed_s + cost.decode_per_seq_s * b if b else cost.prefill_fixed_s
+        d = self.cost.forward_s(b, [(n, r.prefilled) for r, n in pieces])
         self.busy = True
         self.sim.at(self.sim.now + d, lambda: self._end(d, pieces, b, joined))
 

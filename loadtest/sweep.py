@@ -94,9 +94,9 @@ def _f(v: Any) -> str:
 
 
 def plot(s: dict[str, Any], path: Path) -> Path:
-    from kvrelay.loadtest.plots import _plt
+    from kvrelay.loadtest.plots import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     rates = [r["long_rate"] for r in s["rows"]]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for name, style in (("aggregated", "o-"), ("disaggregated", "s-")):

@@ -3,6 +3,8 @@
     prefill_s(new, cached) = prefill_fixed_s + new / prefill_tokens_per_s
                              + prefill_attn_s * new * (cached + new / 2)
     decode_step_s(batch)   = decode_fixed_s + decode_per_seq_s * batch       (one token per sequence)
+    forward_s(batch, chunks) = sum over chunks of the new tokens' terms of prefill_s, plus ONE fixed
+                             cost: decode_step_s(batch) when batch > 0, else prefill_fixed_s
     kv_transfer_s(nbytes)  = transfer_latency_s + nbytes / transfer_bytes_per_s
 
 ``new`` prompt tokens are computed after ``cached`` ones came from the prefix cache; the
@@ -14,6 +16,8 @@ project cluster capacity, so every preset says where its numbers come from.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from kvrelay.schemas.errors import ValidationError
 from kvrelay.schemas.struct import Struct, check_fields, limit, typed
@@ -70,6 +74,20 @@ class CostModel(Struct):
         if batch < 1:
             raise ValueError("a decode step needs a batch of at least 1")
         return self.decode_fixed_s + self.decode_per_seq_s * batch
+
+    def forward_s(self, batch: int, chunks: Sequence[tuple[int, int]]) -> float:
+        """One mixed forward (chunked prefill): ``batch`` sequences decode a token each while prompt
+        chunks of ``(new, cached)`` tokens are computed. The weights are read once, so the fixed cost
+        is paid once: the decode step's when anything decodes, else the prefill's."""
+        if batch < 0 or any(n < 0 or cached < 0 for n, cached in chunks):
+            raise ValueError("batch and token counts must be >= 0")
+        new = sum(n for n, _ in chunks)
+        if not batch and not new:
+            return 0.0
+        d = new / self.prefill_tokens_per_s
+        d += sum(self.prefill_attn_s * n * (cached + n / 2) for n, cached in chunks)
+        d += self.decode_fixed_s + self.decode_per_seq_s * batch if batch else self.prefill_fixed_s
+        return d
 
     def decode_tokens_per_s(self, batch: int) -> float:
         """Aggregate decode throughput at ``batch`` running sequences."""
