@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import asyncio
 
-import nats.errors
 from nats.aio.msg import Msg
-from nats.js.api import DeliverPolicy
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from kvrelay.base.logs import get_logger
@@ -49,19 +47,13 @@ class KvEventsSubscriber:
     async def start(self) -> None:
         await self.bus.ensure_kv_events_stream()
         s = self.bus.subjects
-        try:
-            self._sub = await self.bus.js.subscribe(
-                s.kv_events_all, stream=s.stream_kv_events, cb=self._on_batch, ordered_consumer=True,
-                deliver_policy=DeliverPolicy.ALL, pending_msgs_limit=self.bus.cfg.pending_msgs_limit,
-                pending_bytes_limit=self.bus.cfg.pending_bytes_limit)
-        except (nats.errors.Error, asyncio.TimeoutError) as exc:
-            raise BusUnavailable(f"cannot consume {s.stream_kv_events}: {exc!r}") from exc
+        self._sub = await self.bus.subscribe_stream(s.kv_events_all, s.stream_kv_events, self._on_batch)
 
     async def close(self) -> None:
         if self._sub is not None:
             try:
-                await self._sub.unsubscribe()
-            except nats.errors.Error:
+                await self.bus.unsubscribe(self._sub)
+            except BusUnavailable:
                 pass
             self._sub = None
         tasks = list(self._resyncs.values())
@@ -131,7 +123,7 @@ class KvEventsSubscriber:
 
     async def _fetch_snapshot(self, worker_id: str) -> list[KvSnapshot]:
         """Ask one worker for its snapshot and collect every chunk (bounded wait)."""
-        inbox = self.bus.nc.new_inbox()
+        inbox = self.bus.new_inbox()
         queue: asyncio.Queue[Msg] = asyncio.Queue(maxsize=1 << 16)
 
         async def on_chunk(msg: Msg) -> None:
@@ -162,8 +154,8 @@ class KvEventsSubscriber:
                     return [got[i] for i in range(chunk.chunks)]
         finally:
             try:
-                await sub.unsubscribe()
-            except nats.errors.Error:
+                await self.bus.unsubscribe(sub)
+            except BusUnavailable:
                 pass
 
 

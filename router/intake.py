@@ -24,13 +24,7 @@ import asyncio
 import contextlib
 import time
 
-import msgpack
-import nats.errors
-from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig
-
 from kvrelay.base.logs import bound, get_logger
-from kvrelay.base.tasks import reraise_swallowed_cancel
 from kvrelay.router.config import RouterConfig
 from kvrelay.router.dispatcher import Dispatcher, Flight
 from kvrelay.router.errors import (
@@ -44,11 +38,12 @@ from kvrelay.router.errors import (
 from kvrelay.router.metrics import RouterMetrics
 from kvrelay.router.openai_api import fit_lengths
 from kvrelay.router.tokenizer import RouterTokenizer
-from kvrelay.schemas.codec import unpack
+from kvrelay.schemas.codec import raw_body, unpack
 from kvrelay.schemas.errors import SchemaError
 from kvrelay.schemas.messages import MAX_ID_LEN, ClientRequest, TokenChunk
 from kvrelay.transport.bus import Bus
-from kvrelay.transport.errors import BusUnavailable
+from kvrelay.transport.errors import BusUnavailable, TransportError
+from kvrelay.transport.jetstream import ConsumerSpec, Delivery, PullConsumer
 from kvrelay.transport.subjects import check_subject, check_token
 
 log = get_logger(__name__)
@@ -88,44 +83,37 @@ class Intake:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-            with contextlib.suppress(nats.errors.Error):
+            with contextlib.suppress(TransportError):
                 await psub.unsubscribe()
 
-    async def _fetch(self, psub, room: int) -> list[Msg]:  # noqa: ANN001 - nats' PullSubscription
+    async def _fetch(self, psub: PullConsumer, room: int) -> list[Delivery]:
         """Up to ``room`` requests; [] when none came within ``fetch_timeout_s``."""
         try:
-            return await psub.fetch(room, timeout=self.fetch_timeout_s)
-        except asyncio.TimeoutError:  # nats raises its own subclass or the plain one, by path
-            self.idle_fetches += 1
-            return []
-        except nats.errors.Error as exc:
+            msgs = await psub.fetch(room, self.fetch_timeout_s)
+        except TransportError as exc:
             log.warning("intake_fetch_failed", error=repr(exc))
             await asyncio.sleep(ERROR_BACKOFF_S)  # back off before fetching again
             return []
-        finally:
-            reraise_swallowed_cancel()  # nats' wait_for can drop our cancellation
+        if not msgs:
+            self.idle_fetches += 1
+        return msgs
 
-    async def _subscribe(self):  # noqa: ANN202 - nats' JetStreamContext.PullSubscription
+    async def _subscribe(self) -> PullConsumer:
         s = self.bus.subjects
-        config = ConsumerConfig(durable_name=s.consumer_router, ack_policy=AckPolicy.EXPLICIT,
-                                ack_wait=self.cfg.intake_ack_wait_s, filter_subject=s.request_all,
-                                max_ack_pending=-1)
-        try:
-            return await self.bus.js.pull_subscribe(s.request_all, durable=s.consumer_router,
-                                                    stream=s.stream_requests, config=config)
-        except (nats.errors.Error, asyncio.TimeoutError) as exc:
-            raise BusUnavailable(f"cannot consume the request stream: {exc!r}") from exc
+        spec = ConsumerSpec(durable=s.consumer_router, filter_subject=s.request_all,
+                            ack_wait_s=self.cfg.intake_ack_wait_s, max_ack_pending=-1)
+        return await self.bus.pull_consumer(s.stream_requests, spec, update=False)
 
-    async def _guarded(self, msg: Msg) -> None:
+    async def _guarded(self, msg: Delivery) -> None:
         try:
             await self._handle(msg)
-        except (nats.errors.Error, BusUnavailable) as exc:
+        except TransportError as exc:
             log.warning("intake_request_failed", error=repr(exc))
         except Exception:
             log.exception("intake_request_crashed")
 
     # --- one message --------------------------------------------------------------------------------
-    async def _handle(self, msg: Msg) -> None:
+    async def _handle(self, msg: Delivery) -> None:
         tenant = msg.subject.rsplit(".", 1)[-1]
         arrival_ms = _arrival_ms(msg)
         try:
@@ -154,7 +142,7 @@ class Intake:
             raise ModelNotFound(f"the model {req.model!r} does not exist; this server serves {self.model_name!r}")
         return req
 
-    async def _serve(self, msg: Msg, req: ClientRequest, tenant: str, arrival_ms: int) -> None:
+    async def _serve(self, msg: Delivery, req: ClientRequest, tenant: str, arrival_ms: int) -> None:
         try:
             flight = self.dispatcher.open(req.request_id, tenant, req.timeout_s, arrival_ms)
         except Overloaded as exc:
@@ -216,7 +204,7 @@ class Intake:
             outcome = exc.code
         self.metrics.requests.labels("nats", outcome).inc()
 
-    async def _requeue_or_fail(self, msg: Msg, req: ClientRequest, arrival_ms: int, exc: RouterError) -> None:
+    async def _requeue_or_fail(self, msg: Delivery, req: ClientRequest, arrival_ms: int, exc: RouterError) -> None:
         delay = self.cfg.intake_retry_delay_s
         deadline_ms = arrival_ms + 1000 * min(req.timeout_s, self.cfg.request_timeout_s)
         if time.time() * 1000 + delay * 1000 < deadline_ms:
@@ -225,7 +213,7 @@ class Intake:
             return
         await self._fail(msg, req, exc)
 
-    async def _fail(self, msg: Msg, req: ClientRequest, exc: RouterError) -> None:
+    async def _fail(self, msg: Delivery, req: ClientRequest, exc: RouterError) -> None:
         self.metrics.requests.labels("nats", exc.code).inc()
         await self._send_error(req.stream_subject, req.request_id, 0, exc)
         await msg.term()
@@ -250,12 +238,8 @@ def check_reply_subject(subject: str, root: str) -> str:
 
 def recover_reply_to(data: bytes, root: str) -> tuple[str, str]:
     """(stream_subject, request_id) from a message that failed validation, when they are sound."""
-    try:
-        env = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except (ValueError, TypeError, RecursionError):
-        return "", ""
-    body = env.get("b") if isinstance(env, dict) else None
-    if not isinstance(body, dict):
+    body = raw_body(data)
+    if body is None:
         return "", ""
     subject, rid = body.get("stream_subject"), body.get("request_id")
     try:
@@ -265,8 +249,7 @@ def recover_reply_to(data: bytes, root: str) -> tuple[str, str]:
     return subject, rid if isinstance(rid, str) and len(rid) <= MAX_ID_LEN else ""
 
 
-def _arrival_ms(msg: Msg) -> int:
+def _arrival_ms(msg: Delivery) -> int:
     """When the client published (the stream's timestamp), else now."""
-    with contextlib.suppress(nats.errors.Error, ValueError, AttributeError, OverflowError):
-        return int(msg.metadata.timestamp.timestamp() * 1000)
-    return int(time.time() * 1000)
+    stamp = msg.timestamp_ms()
+    return int(time.time() * 1000) if stamp is None else stamp

@@ -1,8 +1,10 @@
 """The envelope every bus message travels in: msgpack ``{"t": type, "v": version, "b": body}``.
 
 ``pack`` turns a ``Message`` into bytes; ``unpack`` turns bytes back into the expected
-message type, or raises a ``SchemaError`` subclass saying exactly what was wrong. Nothing
-here ever unpickles or evaluates anything: msgpack maps, arrays and scalars only.
+message type, or raises a ``SchemaError`` subclass saying exactly what was wrong; ``raw_body``
+reads the unvalidated body of an envelope that failed (to answer its sender). Envelopes are
+parsed here and nowhere else. Nothing here ever unpickles or evaluates anything: msgpack maps,
+arrays and scalars only.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import msgpack
 from kvrelay.schemas.errors import (
     DecodeError,
     OversizeError,
+    SchemaError,
     UnknownTypeError,
     ValidationError,
     VersionError,
@@ -58,7 +61,8 @@ def _unpack(data: bytes, limit: int) -> dict:
         raise OversizeError(len(data), limit)
     try:
         obj = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+    except (ValueError, TypeError, RecursionError, msgpack.ExtraData, msgpack.FormatError,
+            msgpack.StackError) as exc:
         raise DecodeError(f"not a msgpack message: {exc}") from exc
     if not isinstance(obj, dict) or "t" not in obj or "v" not in obj or "b" not in obj:
         raise DecodeError("not a kvrelay envelope: expected a map with keys t, v, b")
@@ -72,6 +76,20 @@ def unpack_any(data: bytes, limit: int = DEFAULT_MAX_BYTES) -> Message:
     if cls is None:
         raise UnknownTypeError(f"unknown message type {env['t']!r}")
     return _body(cls, env, len(data))
+
+
+def raw_body(data: bytes, limit: int | None = None) -> dict | None:
+    """The body map of an envelope, as sent: no type, version or field is checked (a message that
+    failed ``unpack`` may still say where to send the error). None when ``data`` is no envelope,
+    its body no map, or it is larger than ``limit`` (no limit by default)."""
+    if limit is None:
+        limit = len(data) if isinstance(data, (bytes, bytearray, memoryview)) else 0
+    try:
+        env = _unpack(data, limit)
+    except SchemaError:
+        return None
+    body = env["b"]
+    return body if isinstance(body, dict) else None
 
 
 def unpack(data: bytes, expected: type[M]) -> M:

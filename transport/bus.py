@@ -1,5 +1,8 @@
 """The bus: one NATS connection + JetStream context per component, and kvrelay's streams.
 
+``Bus`` owns the connection: components publish, request and subscribe through it, consume
+streams through it (``pull_consumer`` from ``transport.jetstream``, ``subscribe_stream``), and
+open key-value buckets with it; nothing else touches the nats-py client or its JetStream context.
 Every operation here has a timeout and translates nats-py errors into ``transport.errors``:
 no responders / connection refused -> ``BusUnavailable``; timeouts -> ``BusTimeout``; a full
 stream (``discard=new`` at its bound) -> ``Backpressure``. Messages are ``schemas`` structs.
@@ -9,19 +12,24 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.kv import KeyValue
 
+from kvrelay.base.logs import get_logger
 from kvrelay.schemas.codec import Message, unpack, pack
 from kvrelay.transport.config import BusConfig, StreamLimits
 from kvrelay.transport.errors import Backpressure, BusTimeout, BusUnavailable, TransportError
+from kvrelay.transport.jetstream import ConsumerSpec, PullConsumer
 from kvrelay.transport.subjects import Subjects
+
+log = get_logger(__name__)
 
 M = TypeVar("M", bound=Message)
 
@@ -61,9 +69,7 @@ class Bus:
     @classmethod
     async def connect(cls, cfg: BusConfig, name: str) -> Bus:
         async def on_error(exc: Exception) -> None:
-            from kvrelay.base.logs import get_logger
-
-            get_logger(__name__).warning("nats_error", error=repr(exc))
+            log.warning("nats_error", error=repr(exc))
 
         nc = NatsClient()
         try:
@@ -170,13 +176,66 @@ class Bus:
         except nats.errors.Error as exc:
             raise BusUnavailable(f"subscribe to {subject} failed: {exc!r}") from exc
 
+    async def unsubscribe(self, sub: Subscription) -> None:
+        try:
+            await sub.unsubscribe()
+        except nats.errors.Error as exc:
+            raise BusUnavailable(f"unsubscribe from {sub.subject} failed: {exc!r}") from exc
+
+    def new_inbox(self) -> str:
+        """A unique subject for replies to this connection."""
+        return self.nc.new_inbox()
+
     async def respond(self, msg: Msg, reply: Message) -> None:
         if msg.reply:
             await self.publish(msg.reply, reply)
 
+    # --- stream consumers and buckets -------------------------------------------------------------
+    async def pull_consumer(self, stream: str, spec: ConsumerSpec, update: bool = True) -> PullConsumer:
+        """Create the durable consumer ``spec`` on ``stream`` and bind a pull subscription to it.
 
-async def call_with_timeout(coro: Awaitable[Any], timeout: float, what: str) -> Any:
-    try:
-        return await asyncio.wait_for(coro, timeout)
-    except asyncio.TimeoutError as exc:
-        raise BusTimeout(f"{what} did not finish within {timeout}s") from exc
+        ``update``: an existing consumer takes ``spec``'s settings; when the server refuses that (a
+        setting that cannot change) the consumer is used as it is and the refusal logged. Without
+        ``update`` an existing consumer is used as it is.
+        """
+        config = spec.to_config()
+        try:
+            if update:
+                try:
+                    await self.js.add_consumer(stream, config=config)
+                except nats.js.errors.APIError as exc:
+                    await self.js.consumer_info(stream, spec.durable)  # raises if it does not exist
+                    log.warning("consumer_update_refused", consumer=spec.durable, error=exc.description)
+                sub = await self.js.pull_subscribe_bind(durable=spec.durable, stream=stream)
+            else:
+                sub = await self.js.pull_subscribe(spec.filter_subject, durable=spec.durable, stream=stream,
+                                                   config=config)
+        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            raise BusUnavailable(f"cannot set up consumer {spec.durable} on {stream}: {exc!r}") from exc
+        return PullConsumer(sub, stream, spec.durable)
+
+    async def subscribe_stream(self, subject: str, stream: str,
+                               cb: Callable[[Msg], Awaitable[None]]) -> Subscription:
+        """An ordered consumer of ``stream`` from the first message it retains (pending limits as
+        ``subscribe``); the server keeps no state for it."""
+        try:
+            return await self.js.subscribe(
+                subject, stream=stream, cb=cb, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL,
+                pending_msgs_limit=self.cfg.pending_msgs_limit, pending_bytes_limit=self.cfg.pending_bytes_limit)
+        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            raise BusUnavailable(f"cannot consume {stream}: {exc!r}") from exc
+
+    async def key_value(self, bucket: str, ttl_s: float, max_bytes: int) -> KeyValue:
+        """The key-value bucket, created on first use (history 1). Created meanwhile by another
+        component with other settings: used as it is (the first one's settings win)."""
+        try:
+            try:
+                return await self.js.key_value(bucket)
+            except nats.js.errors.BucketNotFoundError:
+                pass
+            try:
+                return await self.js.create_key_value(bucket=bucket, ttl=ttl_s, history=1, max_bytes=max_bytes)
+            except nats.js.errors.BadRequestError:
+                return await self.js.key_value(bucket)
+        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            raise BusUnavailable(f"cannot open the bucket {bucket}: {exc!r}") from exc

@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable
 
 import nats.errors
-import nats.js.errors
 from nats.js.kv import KeyValue
 
 from kvrelay.base.logs import get_logger
@@ -20,27 +19,13 @@ from kvrelay.schemas.codec import unpack, pack
 from kvrelay.schemas.errors import SchemaError
 from kvrelay.schemas.messages import WorkerInfo
 from kvrelay.transport.bus import Bus
-from kvrelay.transport.errors import BusUnavailable
 
 log = get_logger(__name__)
 
 
 async def open_bucket(bus: Bus) -> KeyValue:
     """The workers bucket, created on first use; entries live ``worker_ttl_s`` after their last put."""
-    name = bus.subjects.bucket_workers
-    try:
-        try:
-            return await bus.js.key_value(name)
-        except nats.js.errors.BucketNotFoundError:
-            pass
-        try:
-            return await bus.js.create_key_value(bucket=name, ttl=bus.cfg.worker_ttl_s, history=1,
-                                                 max_bytes=16 << 20)
-        except nats.js.errors.BadRequestError:
-            # created meanwhile by a component with another TTL: use it as it is (one TTL wins)
-            return await bus.js.key_value(name)
-    except (nats.errors.Error, asyncio.TimeoutError) as exc:
-        raise BusUnavailable(f"cannot open the discovery bucket {name}: {exc!r}") from exc
+    return await bus.key_value(bus.subjects.bucket_workers, bus.cfg.worker_ttl_s, 16 << 20)
 
 
 class Announcer:

@@ -89,7 +89,7 @@ class KvEventPublisher:
                 pass
             self._task = None
         if self._sub is not None:
-            await self._sub.unsubscribe()
+            await self.bus.unsubscribe(self._sub)
             self._sub = None
         await self.flush()
 

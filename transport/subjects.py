@@ -101,13 +101,6 @@ class Subjects:
     def cancel_all(self) -> str:
         return f"{self.root}.cancel.*"
 
-    def load(self, worker_id: str) -> str:
-        return f"{self.root}.load.{check_token(worker_id, 'worker id')}"
-
-    @property
-    def load_all(self) -> str:
-        return f"{self.root}.load.*"
-
     # --- JetStream names (streams, consumers and buckets allow no dots) -----------------------------
     @property
     def stream_requests(self) -> str:

@@ -14,22 +14,17 @@ from __future__ import annotations
 
 import asyncio
 
-import nats.errors
-import nats.js.errors
-from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.client import JetStreamContext
-
 from kvrelay.base.logs import get_logger
 from kvrelay.transport.bus import Bus
-from kvrelay.transport.errors import BusUnavailable
+from kvrelay.transport.errors import TransportError
+from kvrelay.transport.jetstream import ConsumerSpec, Delivery, PullConsumer
 from kvrelay.workers.config import DecodeConfig
 from kvrelay.workers.slots import Slots
 
 log = get_logger(__name__)
 
 AFFINITY_INACTIVE_S = 3600.0
-FETCH_ERRORS = (nats.errors.Error, asyncio.TimeoutError)
+FETCH_ERRORS = (TransportError, asyncio.TimeoutError)
 # how long fetching the backlog behind a first message may wait (only another worker taking those
 # messages first makes it wait at all)
 BACKLOG_FETCH_S = 0.05
@@ -40,41 +35,29 @@ def affinity_durable(worker_id: str) -> str:
 
 
 def consumer_config(cfg: DecodeConfig, durable: str, subject: str,
-                    inactive_s: float | None) -> ConsumerConfig:
-    return ConsumerConfig(
-        name=durable,
-        durable_name=durable,
+                    inactive_s: float | None) -> ConsumerSpec:
+    return ConsumerSpec(
+        durable=durable,
         filter_subject=subject,
-        ack_policy=AckPolicy.EXPLICIT,
-        deliver_policy=DeliverPolicy.ALL,
-        ack_wait=cfg.ack_wait_s,
+        ack_wait_s=cfg.ack_wait_s,
         max_deliver=cfg.max_deliver,
         max_ack_pending=cfg.max_ack_pending,
         max_waiting=512,
-        inactive_threshold=inactive_s,
+        inactive_s=inactive_s,
     )
 
 
-async def pull_consumer(bus: Bus, config: ConsumerConfig) -> JetStreamContext.PullSubscription:
-    """Create (or update to ``config``) the durable consumer and bind a pull subscription.
+async def pull_consumer(bus: Bus, spec: ConsumerSpec) -> PullConsumer:
+    """Create (or update to ``spec``) the durable consumer on the work queue and bind a pull to it.
 
     The shared consumer takes the settings of the last decode worker that started. If the server
     refuses the update (a setting that cannot change), the existing consumer is used as it is and
     the refusal is logged.
     """
-    stream = bus.subjects.stream_prefilled
-    try:
-        try:
-            await bus.js.add_consumer(stream, config=config)
-        except nats.js.errors.APIError as exc:
-            await bus.js.consumer_info(stream, config.durable_name)  # raises if it does not exist
-            log.warning("consumer_update_refused", consumer=config.durable_name, error=exc.description)
-        return await bus.js.pull_subscribe_bind(durable=config.durable_name, stream=stream)
-    except FETCH_ERRORS as exc:
-        raise BusUnavailable(f"cannot set up consumer {config.durable_name} on {stream}: {exc!r}") from exc
+    return await bus.pull_consumer(bus.subjects.stream_prefilled, spec, update=True)
 
 
-async def fetch_promptly(sub: JetStreamContext.PullSubscription, most: int, wait_s: float) -> list[Msg]:
+async def fetch_promptly(sub: PullConsumer, most: int, wait_s: float) -> list[Delivery]:
     """Up to ``most`` messages, returned as soon as one is there (TimeoutError after ``wait_s``).
 
     On its lingering path (a pull re-sent after a status reply), nats-py's ``fetch(n)`` goes on
@@ -85,27 +68,19 @@ async def fetch_promptly(sub: JetStreamContext.PullSubscription, most: int, wait
     are pending, up to ``most - 1`` of them follow in a second, short fetch. Errors of that second
     fetch keep the first message.
     """
-    msgs = await sub.fetch(1, timeout=wait_s)
-    pending = _num_pending(msgs[-1]) if msgs else 0
+    msgs = await sub.fetch(1, wait_s)
+    if not msgs:
+        raise asyncio.TimeoutError(f"no message within {wait_s} s")
+    pending = msgs[-1].num_pending()
     if most > 1 and pending > 0:
         try:
-            msgs += await sub.fetch(min(most - 1, pending), timeout=min(wait_s, BACKLOG_FETCH_S))
-        except asyncio.TimeoutError:  # taken by another worker meanwhile
-            pass
-        except nats.errors.Error as exc:
+            msgs += await sub.fetch(min(most - 1, pending), min(wait_s, BACKLOG_FETCH_S))
+        except TransportError as exc:
             log.warning("fetch_failed", error=repr(exc))
     return msgs
 
 
-def _num_pending(msg: Msg) -> int:
-    """Messages still waiting for this consumer when ``msg`` was delivered (0 if unknown)."""
-    try:
-        return int(msg.metadata.num_pending or 0)
-    except (nats.errors.Error, ValueError, AttributeError, IndexError, TypeError):  # not a JetStream reply
-        return 0
-
-
-async def settle(msg: Msg, how: str) -> None:
+async def settle(msg: Delivery, how: str) -> None:
     """ack / term / nak / in_progress, never raising: a lost ack means a redelivery, handled there."""
     try:
         if how == "ack":
@@ -116,7 +91,7 @@ async def settle(msg: Msg, how: str) -> None:
             await msg.nak()
         else:
             await msg.in_progress()
-    except nats.errors.Error as exc:
+    except TransportError as exc:
         log.warning("settle_failed", how=how, error=repr(exc))
 
 

@@ -24,6 +24,7 @@ from kvrelay.schemas import (
     unpack_any,
     pack,
 )
+from kvrelay.schemas.codec import raw_body
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=1, head_dim=64, block_size=32, dtype="bfloat16", page_elems=4096)
 DESC = KVDescriptor(backend="shm", worker_id="p1", host="h", region="r", block_ids=[3, 4], num_tokens=40,
@@ -101,3 +102,16 @@ def test_codec_encode_refuses_oversize_message() -> None:
     big = TokenChunk(request_id="r", seq=0, text="x" * (2 << 20))
     with pytest.raises(OversizeError):
         pack(big)
+
+
+def test_codec_raw_body_reads_an_invalid_envelopes_body_as_sent() -> None:
+    body = {"request_id": "r", "stream_subject": "a.b", "prompt": 3}  # fails validation: prompt
+    assert raw_body(envelope("ClientRequest", 9, body)) == body  # no type, version or field checks
+    assert raw_body(envelope("ClientRequest", 1, body), limit=8) is None  # larger than the limit
+
+
+@pytest.mark.parametrize("data", [b"\xc1 not msgpack", msgpack.packb([1, 2]), msgpack.packb({"b": {}}),
+                                  envelope("ClientRequest", 1, [1]), b"\x91" * 100_000],
+                         ids=["garbage", "list", "no_envelope", "body_not_a_map", "deep_nesting"])
+def test_codec_raw_body_is_none_for_what_is_no_envelope(data: bytes) -> None:
+    assert raw_body(data) is None

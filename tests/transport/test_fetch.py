@@ -34,7 +34,7 @@ def desc(backend="shm", fallbacks=(), host="here", endpoint="") -> KVDescriptor:
 
 
 @pytest.mark.parametrize(
-    "d, local, want",
+    "d, reader_backends, want",
     [
         (desc("shm", ["tcp"], endpoint="h:1"), ["shm", "tcp"], ["shm", "tcp"]),
         (desc("shm", ["tcp"], endpoint="h:1"), ["tcp", "shm"], ["tcp", "shm"]),  # the reader's order rules
@@ -47,8 +47,8 @@ def desc(backend="shm", fallbacks=(), host="here", endpoint="") -> KVDescriptor:
         (desc("shm", ["shm", "tcp"], endpoint="h:1"), ["tcp", "tcp", "shm"], ["tcp", "shm"]),  # no repeats
     ],
 )
-def test_fetch_plan_keeps_the_reader_order_and_drops_what_cannot_work(d, local, want) -> None:
-    assert plan(d, local, "here") == want
+def test_fetch_plan_keeps_the_reader_order_and_drops_what_cannot_work(d, reader_backends, want) -> None:
+    assert plan(d, reader_backends, "here") == want
 
 
 def test_fetch_offered_lists_primary_then_fallbacks() -> None:

@@ -4,7 +4,7 @@ The exporter says what it serves: ``desc.backend`` first, then ``desc.fallbacks`
 ``desc.endpoint`` for tcp). The reader has its own ordered list (``decode.backends``). ``plan``
 keeps the reader's order and drops what cannot work for this descriptor:
 
-    shm, cma   the exporter serves "shm" and is on this host (``desc.host``)
+    shm, cma   the exporter serves "shm" (its export region) and is on this host (``desc.host``)
     tcp        the exporter serves "tcp" and names an endpoint
     cuda-ipc   the exporter serves "cuda-ipc" and is on this host
     nixl       the exporter serves "nixl"
@@ -34,14 +34,17 @@ log = get_logger(__name__)
 
 BACKENDS = ("shm", "cma", "tcp", "cuda-ipc", "nixl")
 SAME_HOST = ("shm", "cma", "cuda-ipc")
+# the export a reader reads, where it is not the reader's own name: ``cma`` is a reader only; it
+# reads the "shm" export region through the owner's pid instead of mapping it
+READS_EXPORT = {"cma": "shm"}
 
 
-def plan(desc: KVDescriptor, local: Sequence[str], host: str) -> list[str]:
-    """The local backends that can read ``desc``, in the local order of preference."""
+def plan(desc: KVDescriptor, reader_backends: Sequence[str], host: str) -> list[str]:
+    """The reader's backends that can read ``desc``, in the reader's order of preference."""
     offers = offered(desc)
     out: list[str] = []
-    for b in local:
-        served = "shm" if b == "cma" else b
+    for b in reader_backends:
+        served = READS_EXPORT.get(b, b)
         if b in out or served not in offers:
             continue
         if b in SAME_HOST and desc.host != host:
@@ -104,7 +107,7 @@ class Fetched:
 
 
 class KVFetcher:
-    """One reader per usable local backend; ``read`` negotiates per descriptor. Thread-safe as its readers."""
+    """One reader per usable backend of this process; ``read`` negotiates per descriptor. Thread-safe as its readers."""
 
     def __init__(
         self, readers: Mapping[str, KVReader], order: Sequence[str], host: str | None = None
