@@ -1,7 +1,8 @@
-"""kvrelay.kernels: KV block gather/scatter and page layout conversion.
+"""kvrelay.kernels: KV block gather/scatter between per-layer caches and a contiguous buffer.
 
 Triton kernels on CUDA, a torch reference everywhere else (``ops`` checks inputs and picks).
-Imports nothing else of kvrelay. See ``layouts.py`` for what a page holds in each format.
+Imports nothing else of kvrelay. Pages are moved whole, as opaque bytes: what is inside a page
+(its format, block size, head split) never matters here.
 
 This folder must only ever be imported as ``kvrelay.kernels``: a bare ``kernels`` is the name
 of Hugging Face's kernel hub package, which transformers probes for with ``find_spec("kernels")``
@@ -13,23 +14,11 @@ and raises ImportError, saying why, the moment anything is taken from it.
 """
 
 __all__ = [
-    "CPU_NHBC",
-    "GPU_HND",
-    "GPU_NHD",
     "KernelError",
     "KernelInputError",
-    "PageSpec",
-    "UnsupportedLayoutError",
     "backend_for",
-    "convert_block_size",
-    "convert_layout",
-    "cpu_format_for_isa",
-    "cpu_to_gpu_layout",
     "gather_blocks",
-    "gpu_to_cpu_layout",
-    "merge_heads_from_tp",
     "scatter_blocks",
-    "split_heads_for_tp",
     "triton_available",
 ]
 
@@ -47,17 +36,5 @@ if __name__ == "kernels":
         )
 
 else:
-    from kvrelay.kernels.errors import KernelError, KernelInputError, UnsupportedLayoutError
-    from kvrelay.kernels.layouts import CPU_NHBC, GPU_HND, GPU_NHD, PageSpec, cpu_format_for_isa
-    from kvrelay.kernels.ops import (
-        backend_for,
-        convert_block_size,
-        convert_layout,
-        cpu_to_gpu_layout,
-        gather_blocks,
-        gpu_to_cpu_layout,
-        merge_heads_from_tp,
-        scatter_blocks,
-        split_heads_for_tp,
-        triton_available,
-    )
+    from kvrelay.kernels.errors import KernelError, KernelInputError
+    from kvrelay.kernels.ops import backend_for, gather_blocks, scatter_blocks, triton_available

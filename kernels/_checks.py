@@ -8,11 +8,8 @@ import torch
 from torch import Tensor
 
 from kvrelay.kernels.errors import KernelInputError
-from kvrelay.kernels.layouts import CPU_NHBC, PageSpec
 
 _COPY_SIZES = (1, 2, 4, 8)
-# dtypes vLLM's CPU backend keeps its cache in without quantization (cpu_attn.py supported_dtypes)
-CPU_PAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def tensor(arg: str, value: object) -> Tensor:
@@ -22,12 +19,6 @@ def tensor(arg: str, value: object) -> Tensor:
         raise KernelInputError(
             arg, f"dtype {value.dtype} is {value.element_size()} bytes; kernels move 1/2/4/8-byte elements"
         )
-    return value
-
-
-def positive_int(arg: str, value: object, minimum: int = 1) -> int:
-    if type(value) is not int or value < minimum:
-        raise KernelInputError(arg, f"must be an int >= {minimum}, got {value!r}")
     return value
 
 
@@ -130,24 +121,3 @@ def buffer(arg: str, value: object, shape: tuple[int, ...], like: Tensor, like_n
     same_as(arg, buf, like, like_name)
     contiguous(arg, buf)
     return buf
-
-
-def pages(arg: str, value: object, fmt: str) -> tuple[Tensor, PageSpec]:
-    """Contiguous pages [n, L, *page] in format ``fmt``, and their PageSpec."""
-    blocks = tensor(arg, value)
-    if blocks.dim() != 5:
-        raise KernelInputError(arg, f"must be [n, L, *page] with a 3-D page, got shape {list(blocks.shape)}")
-    contiguous(arg, blocks)
-    spec = PageSpec.from_page_shape(fmt, tuple(blocks.shape[2:]), arg)
-    page_dtype(arg, blocks, fmt)
-    return blocks, spec
-
-
-def page_dtype(arg: str, blocks: Tensor, fmt: str) -> None:
-    """Format ``fmt`` can hold ``blocks``' dtype (vLLM's quantized CPU pages have their own order)."""
-    if fmt == CPU_NHBC and blocks.dtype not in CPU_PAGE_DTYPES:
-        raise KernelInputError(
-            arg,
-            f"vLLM CPU pages of dtype {blocks.dtype} are quantized with their own order; "
-            f"cpu_nhbc conversions take {[str(d) for d in CPU_PAGE_DTYPES]}",
-        )

@@ -1,9 +1,8 @@
 """Errors raised by the KV block kernels.
 
-    KernelError                  base (never raised itself)
-    └── KernelInputError         (also a ValueError) a tensor of the wrong shape, dtype, stride,
-        │                         device, or an index out of range: the caller's bug, nothing changed
-        └── UnsupportedLayoutError a page layout kvrelay cannot convert (e.g. vLLM's AMX CPU layout)
+    KernelError            base (never raised itself)
+    └── KernelInputError   (also a ValueError) a tensor of the wrong shape, dtype, stride,
+                            device, or an index out of range: the caller's bug, nothing changed
 
 Inputs are checked before any byte moves, so an error leaves every tensor as it was.
 """
@@ -22,7 +21,3 @@ class KernelInputError(KernelError, ValueError):
         super().__init__(f"{arg}: {problem}")
         self.arg = arg
         self.problem = problem
-
-
-class UnsupportedLayoutError(KernelInputError):
-    """A page layout (or vLLM CPU attention ISA) whose byte order kvrelay does not convert."""

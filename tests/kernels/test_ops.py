@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kvrelay import kernels
-from kvrelay.kernels import KernelInputError, UnsupportedLayoutError, reference
+from kvrelay.kernels import KernelInputError, reference
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -103,108 +103,8 @@ def test_ops_scatter_blocks_rejects_buf_of_wrong_shape(caches):
         kernels.scatter_blocks(torch.zeros(3, 2, 2, 32, 16, dtype=torch.bfloat16), caches, IDS)
 
 
-def test_ops_convert_block_size_rejects_bad_inputs():
-    blocks = torch.zeros(3, 2, 2, 32, 16)  # gpu_hnd / cpu_nhbc page [H, bs=32, 2D]
-    with pytest.raises(KernelInputError, match="pages hold 32 tokens, but src_bs is 16"):
-        kernels.convert_block_size(blocks, 16, 32, 70, fmt="gpu_hnd")
-    with pytest.raises(KernelInputError, match="70 tokens fill 3 blocks of 32, got 2"):
-        kernels.convert_block_size(blocks[:2], 32, 16, 70, fmt="gpu_hnd")
-    with pytest.raises(KernelInputError, match="must be contiguous"):
-        kernels.convert_block_size(blocks.transpose(0, 1), 32, 16, 70, fmt="gpu_hnd")
-    with pytest.raises(KernelInputError, match="with a 3-D page"):
-        kernels.convert_block_size(blocks[:, 0], 32, 16, 70, fmt="gpu_hnd")
-    with pytest.raises(KernelInputError, match="even last dim"):
-        kernels.convert_block_size(blocks[..., :15].contiguous(), 32, 16, 70, fmt="gpu_hnd")
-    with pytest.raises(KernelInputError, match="src_bs: must be an int >= 1"):
-        kernels.convert_block_size(blocks, 0, 16, 70, fmt="gpu_hnd")
-    with pytest.raises(KernelInputError, match="num_tokens: must be an int >= 0"):
-        kernels.convert_block_size(blocks, 32, 16, -1, fmt="gpu_hnd")
-    with pytest.raises(KernelInputError, match="dst_bs: must be an int"):
-        kernels.convert_block_size(blocks, 32, True, 70, fmt="gpu_hnd")
-    with pytest.raises(UnsupportedLayoutError, match="unknown page format 'nhd'"):
-        kernels.convert_block_size(blocks, 32, 16, 70, fmt="nhd")
-    with pytest.raises(KernelInputError, match="quantized with their own order"):
-        kernels.convert_block_size(blocks.to(torch.int8), 32, 16, 70, fmt="cpu_nhbc")
-    with pytest.raises(KernelInputError, match=r"out: must have shape \[5, 2, 2, 16, 16\]"):
-        kernels.convert_block_size(blocks, 32, 16, 70, fmt="gpu_hnd", out=torch.zeros(5, 2, 2, 32, 16))
-
-
-def test_ops_convert_block_size_fills_out_without_allocating_a_result():
-    blocks = torch.randn(3, 2, 2, 32, 16)
-    out = torch.full((5, 2, 2, 16, 16), 7.0)
-    assert kernels.convert_block_size(blocks, 32, 16, 70, fmt="cpu_nhbc", out=out) is out
-    assert torch.equal(out, reference.convert_block_size(blocks, 32, 16, 70, fmt="cpu_nhbc"))
-
-
-def test_ops_convert_block_size_of_no_tokens_gives_no_blocks():
-    got = kernels.convert_block_size(torch.zeros(0, 2, 32, 3, 8), 32, 16, 0, fmt="gpu_nhd")
-    assert got.shape == (0, 2, 16, 3, 8)
-
-
-def test_ops_split_heads_for_tp_rejects_heads_that_do_not_shard():
-    blocks = torch.zeros(2, 2, 3, 32, 16)  # 3 heads
-    with pytest.raises(KernelInputError, match="3 KV heads cannot be sharded over tp=2") as err:
-        kernels.split_heads_for_tp(blocks, 2, fmt="cpu_nhbc")
-    assert err.value.arg == "tp"
-    with pytest.raises(KernelInputError, match="tp: must be an int >= 1"):
-        kernels.split_heads_for_tp(blocks, 0, fmt="cpu_nhbc")
-
-
-def test_ops_split_then_merge_heads_round_trips_with_replication():
-    blocks = torch.randn(2, 3, 32, 2, 16)  # gpu_nhd page [bs=32, H=2, 2D]
-    parts = kernels.split_heads_for_tp(blocks, 4, fmt="gpu_nhd")  # 2 heads over 4 ranks: replicated
-    assert [p.shape[3] for p in parts] == [1, 1, 1, 1]
-    assert torch.equal(parts[0], parts[1]) and torch.equal(parts[2], parts[3])
-    assert torch.equal(kernels.merge_heads_from_tp(parts, fmt="gpu_nhd", num_kv_heads=2), blocks)
-
-
-def test_ops_split_heads_for_tp_fills_preallocated_parts():
-    blocks = torch.randn(2, 3, 4, 32, 16)  # cpu page [H=4, bs=32, 2D]
-    out = [torch.full((2, 3, 2, 32, 16), 5.0) for _ in range(2)]
-    parts = kernels.split_heads_for_tp(blocks, 2, fmt="cpu_nhbc", out=out)
-    assert all(p is o for p, o in zip(parts, out, strict=True))
-    assert torch.equal(kernels.merge_heads_from_tp(parts, fmt="cpu_nhbc"), blocks)
-    with pytest.raises(KernelInputError, match="out: must be a list of 2 tensors"):
-        kernels.split_heads_for_tp(blocks, 2, fmt="cpu_nhbc", out=out[:1])
-    with pytest.raises(KernelInputError, match=r"out\[1\]: must have shape \[2, 3, 2, 32, 16\]"):
-        kernels.split_heads_for_tp(blocks, 2, fmt="cpu_nhbc", out=[out[0], blocks])
-
-
-def test_ops_merge_heads_from_tp_rejects_mismatched_parts():
-    part = torch.zeros(2, 3, 32, 2, 16)
-    with pytest.raises(KernelInputError, match="non-empty list"):
-        kernels.merge_heads_from_tp([], fmt="gpu_nhd")
-    with pytest.raises(KernelInputError, match=r"parts\[1\]: shape"):
-        kernels.merge_heads_from_tp([part, part[:1].contiguous()], fmt="gpu_nhd")
-    with pytest.raises(KernelInputError, match=r"parts\[1\]: dtype"):
-        kernels.merge_heads_from_tp([part, part.double()], fmt="gpu_nhd")
-    with pytest.raises(KernelInputError, match="give 1 per rank, parts hold 2"):
-        kernels.merge_heads_from_tp([part, part], fmt="gpu_nhd", num_kv_heads=2)
-    with pytest.raises(KernelInputError, match="3 KV heads cannot be sharded over tp=2"):
-        kernels.merge_heads_from_tp([part, part], fmt="gpu_nhd", num_kv_heads=3)
-
-
-def test_ops_cpu_to_gpu_layout_refuses_packed_isas_and_bad_formats():
-    blocks = torch.zeros(1, 1, 3, 32, 128, dtype=torch.bfloat16)
-    with pytest.raises(UnsupportedLayoutError, match="ISA 'amx'.*VNNI"):
-        kernels.cpu_to_gpu_layout(blocks, isa="amx")
-    with pytest.raises(UnsupportedLayoutError, match="'sse'"):
-        kernels.gpu_to_cpu_layout(blocks, isa="sse", gpu_fmt="gpu_hnd")
-    with pytest.raises(KernelInputError, match="gpu_fmt: must be one of"):
-        kernels.cpu_to_gpu_layout(blocks, isa="vec", gpu_fmt="cpu_nhbc")
-    with pytest.raises(KernelInputError, match="quantized with their own order"):
-        kernels.gpu_to_cpu_layout(blocks.view(torch.int16), isa="vec")
-
-
-def test_ops_cpu_to_gpu_layout_puts_each_token_k_then_v():
-    # one head, 2 tokens, head_dim 2: cpu page per head is K as [D, bs] then V as [bs, D]
-    cpu = torch.tensor([[10.0, 20.0, 11.0, 21.0], [100.0, 101.0, 200.0, 201.0]]).view(1, 1, 1, 2, 4)
-    gpu = kernels.cpu_to_gpu_layout(cpu, isa="vec")  # gpu_nhd page [bs, H, 2D]
-    assert gpu.flatten().tolist() == [10.0, 11.0, 100.0, 101.0, 20.0, 21.0, 200.0, 201.0]
-
-
 def test_ops_errors_are_value_errors():
-    assert issubclass(KernelInputError, ValueError) and issubclass(UnsupportedLayoutError, KernelInputError)
+    assert issubclass(KernelInputError, ValueError)
 
 
 def test_kernels_bare_import_name_is_inert_and_explains_itself():

@@ -10,9 +10,8 @@
 ``new`` prompt tokens are computed after ``cached`` ones came from the prefix cache; the
 attention term charges each new token for the context before it (quadratic in the prompt).
 A preset describes one *worker* (one engine instance, however many GPUs it spans). Presets are
-named (``PRESETS``, ``CostModel.preset``); a config can also give every field
-(``CostModel.from_mapping`` rejects unknown keys). The load-testing tools reuse these figures to
-project cluster capacity, so every preset says where its numbers come from.
+named (``PRESETS``, ``CostModel.preset``; a sim worker's ``sim_preset``). The load-testing tools
+reuse these figures to project cluster capacity, so every preset says where its numbers come from.
 """
 
 from __future__ import annotations
@@ -88,10 +87,6 @@ class CostModel(Struct):
         d += sum(self.prefill_attn_s * n * (cached + n / 2) for n, cached in chunks)
         d += self.decode_fixed_s + self.decode_per_seq_s * batch if batch else self.prefill_fixed_s
         return d
-
-    def decode_tokens_per_s(self, batch: int) -> float:
-        """Aggregate decode throughput at ``batch`` running sequences."""
-        return batch / self.decode_step_s(batch)
 
     def kv_bytes(self, tokens: int) -> int:
         return tokens * self.kv_bytes_per_token
