@@ -1,10 +1,10 @@
-"""InflightTable: admission bound, load counted at dispatch time, merged into worker views."""
+"""LoadLedger: admission bound, load counted at dispatch time, merged into worker views, rankings."""
 
 from __future__ import annotations
 
 import pytest
 
-from kvrelay.router.inflight import DuplicateRequest, InflightFull, InflightTable
+from kvrelay.router.ledger import DuplicateRequest, InflightFull, LoadLedger
 from kvrelay.router.policy import LeastLoaded, RouteRequest
 from kvrelay.schemas.messages import WorkerInfo
 
@@ -14,8 +14,8 @@ def _info(wid: str, queued_tokens: int = 0, draining: bool = False) -> WorkerInf
                       queued_tokens=queued_tokens, draining=draining)
 
 
-def test_inflight_admit_is_bounded_and_rejects_duplicates() -> None:
-    t = InflightTable(2)
+def test_ledger_admit_is_bounded_and_rejects_duplicates() -> None:
+    t = LoadLedger(2)
     t.admit("a")
     with pytest.raises(DuplicateRequest):
         t.admit("a")
@@ -27,8 +27,8 @@ def test_inflight_admit_is_bounded_and_rejects_duplicates() -> None:
     assert len(t) == 2
 
 
-def test_inflight_counts_load_when_assigned_not_when_finished() -> None:
-    t = InflightTable(8)
+def test_ledger_counts_load_when_assigned_not_when_finished() -> None:
+    t = LoadLedger(8)
     t.admit("r1")
     t.assign("r1", "w1", 100)
     assert t.load("w1") == (1, 100)
@@ -37,8 +37,8 @@ def test_inflight_counts_load_when_assigned_not_when_finished() -> None:
     assert t.load("w1") == (2, 150)
 
 
-def test_inflight_assign_moves_the_count_to_the_fallback_worker() -> None:
-    t = InflightTable(8)
+def test_ledger_assign_moves_the_count_to_the_fallback_worker() -> None:
+    t = LoadLedger(8)
     t.admit("r")
     t.assign("r", "w1", 100)
     t.unassign("r")
@@ -49,8 +49,8 @@ def test_inflight_assign_moves_the_count_to_the_fallback_worker() -> None:
     assert t.load("w3") == (1, 100)
 
 
-def test_inflight_prefill_done_frees_tokens_and_release_frees_the_request() -> None:
-    t = InflightTable(8)
+def test_ledger_prefill_done_frees_tokens_and_release_frees_the_request() -> None:
+    t = LoadLedger(8)
     t.admit("r")
     t.assign("r", "w1", 100)
     t.prefill_done("r")
@@ -63,8 +63,8 @@ def test_inflight_prefill_done_frees_tokens_and_release_frees_the_request() -> N
     assert t.load("w1") == (0, 0) and len(t) == 0
 
 
-def test_inflight_views_merge_reported_load_and_skip_draining_workers() -> None:
-    t = InflightTable(8)
+def test_ledger_views_merge_reported_load_and_skip_draining_workers() -> None:
+    t = LoadLedger(8)
     t.admit("r")
     t.assign("r", "w1", 40)
     views = t.views([_info("w1", queued_tokens=10), _info("w2"), _info("w3", draining=True)])
@@ -72,9 +72,9 @@ def test_inflight_views_merge_reported_load_and_skip_draining_workers() -> None:
         ("w1", 10, 1, 40), ("w2", 0, 0, 0)]
 
 
-def test_inflight_dispatch_time_counts_spread_a_burst_across_workers() -> None:
+def test_ledger_dispatch_time_counts_spread_a_burst_across_workers() -> None:
     """Nothing finishes during a burst: counting at dispatch time still spreads it evenly."""
-    t, policy = InflightTable(16), LeastLoaded(seed=3)
+    t, policy = LoadLedger(16), LeastLoaded(seed=3)
     infos = [_info("w1"), _info("w2"), _info("w3")]
     for i in range(9):
         rid = f"r{i}"
