@@ -4,7 +4,7 @@ A discrete-event simulation on a virtual clock (nothing sleeps, so 64 workers an
 requests take seconds). Each of ``--workers`` prefill workers is a real ``BlockManager`` (prefix
 cache, LRU eviction, KV events) that computes one prompt at a time, for as long as the cost
 model (``--preset``) says. In front of them, one router per policy with the real parts of
-``router/``: ``InflightTable`` (load counted at dispatch time, merged with heartbeats every
+``router/``: ``LoadLedger`` (load counted at dispatch time, merged with heartbeats every
 ``BusConfig.heartbeat_s``), the policy's ``decide``, and, for ``kv_aware``, a ``PrefixIndex``
 fed by the workers' own ``KvEventBatch`` messages (encoded and decoded as on the bus, delivered
 ``--event-delay-ms`` later). ``oracle`` is ``KvAware`` reading the block managers directly.
