@@ -44,13 +44,14 @@ class _Entry:
 
 
 class _Worker:
-    __slots__ = ("inflight", "tokens", "queued", "active", "r_inflight", "r_tokens", "member")
+    __slots__ = ("inflight", "tokens", "queued", "active", "r_inflight", "r_tokens", "member", "seen")
 
     def __init__(self) -> None:
         self.inflight = self.tokens = 0  # this router's requests and their uncached prompt tokens
         self.queued = self.active = 0  # reported by the worker
         self.r_inflight = self.r_tokens = 0  # counted elsewhere (other routers)
         self.member = False
+        self.seen = 0  # the ledger's pass that last saw it as a member
 
 
 class Ranking:
@@ -113,6 +114,8 @@ class LoadLedger:
         self._entries: dict[str, _Entry] = {}
         self._workers: dict[str, _Worker] = {}
         self._rankings: list[Ranking] = []
+        self._members = 0
+        self._pass = 0
         self.listener: Callable[[str, str, str, int], None] | None = None
         self.remote: Any = None
 
@@ -177,34 +180,44 @@ class LoadLedger:
 
         Draining workers are left out: they take no new tasks.
         """
-        out, seen = [], set()
+        out = []
         remote = self.remote
         if remote is not None:
             remote.expire()
+        this, seen = self._next_pass(), 0
         for info in infos:
             if info.draining:
                 continue
             wid = info.worker_id
             r_inflight, r_tokens = remote.load(wid) if remote is not None else (0, 0)
             w = self._observe(wid, info.queued_tokens, info.active, r_inflight, r_tokens)
-            seen.add(wid)
+            if w.seen != this:
+                w.seen, seen = this, seen + 1
             out.append(WorkerView(
                 worker_id=wid, role=info.role, queued_tokens=info.queued_tokens, active=info.active,
                 max_slots=info.max_slots, inflight=w.inflight + r_inflight, inflight_tokens=w.tokens + r_tokens,
             ))
-        self._retire(seen)
+        if seen != self._members:
+            self._retire(this)
         return out
 
     def observe(self, views: Sequence[WorkerView]) -> None:
         """Make ``views`` the members and their load; what they count beyond this router's own
         requests is counted as other routers'. A no-op for the views ``views()`` just returned."""
-        seen = set()
+        workers, this, seen = self._workers, self._next_pass(), 0
         for v in views:
-            w = self._workers.get(v.worker_id)
-            inflight, tokens = (w.inflight, w.tokens) if w else (0, 0)
-            self._observe(v.worker_id, v.queued_tokens, v.active, v.inflight - inflight, v.inflight_tokens - tokens)
-            seen.add(v.worker_id)
-        self._retire(seen)
+            w = workers.get(v.worker_id)
+            if w is None:
+                w = self._observe(v.worker_id, v.queued_tokens, v.active, v.inflight, v.inflight_tokens)
+            else:
+                r_inflight, r_tokens = v.inflight - w.inflight, v.inflight_tokens - w.tokens
+                if not (w.member and w.r_tokens == r_tokens and w.queued == v.queued_tokens
+                        and w.active == v.active and w.r_inflight == r_inflight):
+                    self._observe(v.worker_id, v.queued_tokens, v.active, r_inflight, r_tokens)
+            if w.seen != this:
+                w.seen, seen = this, seen + 1
+        if seen != self._members:
+            self._retire(this)
 
     def report(self, worker_id: str, queued_tokens: int = 0, active: int = 0) -> None:
         """One worker's reported load (it becomes a member); other routers' counts are kept."""
@@ -238,7 +251,10 @@ class LoadLedger:
         elif (w.member and w.queued == queued and w.active == active and w.r_tokens == r_tokens
               and w.r_inflight == r_inflight):
             return w
-        w.queued, w.active, w.r_inflight, w.r_tokens, w.member = queued, active, r_inflight, r_tokens, True
+        if not w.member:
+            w.member = True
+            self._members += 1
+        w.queued, w.active, w.r_inflight, w.r_tokens = queued, active, r_inflight, r_tokens
         for r in self._rankings:
             r._put(worker_id, queued, w.tokens + r_tokens, active)
         return w
@@ -255,14 +271,18 @@ class LoadLedger:
         elif w.inflight <= 0:
             del self._workers[worker_id]
 
-    def _retire(self, seen: set[str]) -> None:
-        if len(seen) == sum(1 for w in self._workers.values() if w.member):
-            return
-        for wid, w in [(wid, w) for wid, w in self._workers.items() if w.member and wid not in seen]:
+    def _next_pass(self) -> int:
+        self._pass += 1
+        return self._pass
+
+    def _retire(self, this: int) -> None:
+        """Members not seen in pass ``this`` leave."""
+        for wid, w in [(wid, w) for wid, w in self._workers.items() if w.member and w.seen != this]:
             self._leave(wid, w)
 
     def _leave(self, worker_id: str, w: _Worker) -> None:
         w.member, w.queued, w.active, w.r_inflight, w.r_tokens = False, 0, 0, 0, 0
+        self._members -= 1
         for r in self._rankings:
             r._drop(worker_id)
         if w.inflight <= 0:
