@@ -53,7 +53,9 @@ class MaskRanker:
 
     def rank(self, num_tokens: int, records: list[tuple[int, int]]) -> tuple[list[tuple[float, str]], int]:
         """``[(cost, worker)]`` best first (winner + up to ``max_fallbacks``) and the winner's depth."""
-        self.refresh()
+        key = self._key
+        if key[0] != self.index.version or key[1] != self.ranking.members:
+            self.refresh()
         base = self.w_prefill * num_tokens
         top = TopK(self.k)
         small, big = self._groups(base, records, top)
