@@ -274,7 +274,7 @@ def _decisions(a: argparse.Namespace, w: Workload, root: int, index: PrefixIndex
     views = []
     for i in range(a.workers):
         q, act = rng.randrange(0, 20000), rng.randrange(0, 16)
-        policy.board.set(f"w{i}", queued_tokens=q, active=act)
+        policy.ledger.report(f"w{i}", queued_tokens=q, active=act)
         views.append(WorkerView(f"w{i}", queued_tokens=q, active=act))
     queries = _queries(w, root, a.queries)
     reqs = [RouteRequest(request_id=str(i), tenant="tenant-a", num_tokens=len(toks), block_hashes=hashes)

@@ -4,7 +4,7 @@ A discrete-event simulation on a virtual clock (nothing sleeps, so 64 workers an
 requests take seconds). Each of ``--workers`` prefill workers is a real ``BlockManager`` (prefix
 cache, LRU eviction, KV events) that computes one prompt at a time, for as long as the cost
 model (``--preset``) says. In front of them, one router per policy with the real parts of
-``router/``: ``InflightTable`` (load counted at dispatch time, merged with heartbeats every
+``router/``: ``LoadLedger`` (load counted at dispatch time, merged with heartbeats every
 ``BusConfig.heartbeat_s``), the policy's ``decide``, and, for ``kv_aware``, a ``PrefixIndex``
 fed by the workers' own ``KvEventBatch`` messages (encoded and decoded as on the bus, delivered
 ``--event-delay-ms`` later). ``oracle`` is ``KvAware`` reading the block managers directly.
@@ -44,7 +44,7 @@ import numpy as np
 from kvrelay.loadtest.workloads import CONFIGS, Session, Workload, generate
 from kvrelay.router.config import RouterConfig
 from kvrelay.router.index import PrefixIndex
-from kvrelay.router.inflight import InflightTable
+from kvrelay.router.ledger import LoadLedger
 from kvrelay.router.kv_policy import KvAware, Oracle
 from kvrelay.router.policy import LeastLoaded, Policy, RoundRobin, RouteRequest, RouteResult
 from kvrelay.schemas.codec import unpack, pack
@@ -125,7 +125,8 @@ class Cluster:
             for w in self.workers.values():
                 w.blocks.sink = lambda ev: None  # nobody listens: drop events at the source
         self.policy = self._policy(policy)
-        self.table = InflightTable(1 << 30)
+        self.table = LoadLedger(1 << 30)
+        self.policy.bind(self.table)
         self.infos = {wid: self._info(w) for wid, w in self.workers.items()}
         self.heap: list[tuple[float, int, Any, tuple]] = []
         self._seq = itertools.count()
@@ -208,7 +209,7 @@ class Cluster:
             self.at(self.now + self.rc.intake_retry_delay_s, self.dispatch, job)
             return
         cached = plan.cached_blocks * self.a.block_size if wid == plan.worker_id else 0
-        self.table.assign(rid, wid, job.tokens - cached)
+        self.table.assign(rid, wid, job.tokens, cached)
         self.policy.update(RouteResult(rid, wid, "dispatched", job.tokens, cached))
         job.worker = wid
         w.queue.append(job)

@@ -20,7 +20,7 @@ One ``Flight`` per request, opened by ``Dispatcher.open`` (admission: ``max_infl
 
 A ``Cancel`` seen on the bus for a request in flight here (a NATS client cancelling) ends its
 flight too. The flights map is bounded by ``max_inflight``: it holds exactly the requests of
-the in-flight table, each admitted by ``open`` and released by ``close``.
+the load ledger, each admitted by ``open`` and released by ``close``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from kvrelay.router.errors import (
     RouterError,
     UpstreamError,
 )
-from kvrelay.router.inflight import DuplicateRequest, InflightFull, InflightTable
+from kvrelay.router.ledger import DuplicateRequest, InflightFull, LoadLedger
 from kvrelay.router.local_prefill import LocalRouting
 from kvrelay.router.metrics import RouterMetrics
 from kvrelay.router.policy import NoWorkers, Plan, Policy, RouteRequest, RouteResult, WorkerView
@@ -66,13 +66,15 @@ Hasher = Callable[[Sequence[int], str], Sequence[int]]
 
 
 class Dispatcher:
-    """Owns the in-flight table and the flights; ``start``/``stop`` its Cancel subscription."""
+    """Owns the load ledger (``table``: admission and dispatch-time load, read by the policy) and
+    the flights; ``start``/``stop`` its Cancel subscription."""
 
     def __init__(self, bus: Bus, directory: Directory, policy: Policy, cfg: RouterConfig,
                  metrics: RouterMetrics, router_id: str, hasher: Hasher | None = None) -> None:
         self.bus, self.directory, self.policy, self.cfg = bus, directory, policy, cfg
         self.metrics, self.router_id, self.hasher = metrics, router_id, hasher
-        self.table = InflightTable(cfg.max_inflight)
+        self.table = LoadLedger(cfg.max_inflight)
+        policy.bind(self.table)
         self.local = LocalRouting(cfg, metrics.registry)
         self.flights: dict[str, Flight] = {}
         self._cancel_sub: Subscription | None = None
@@ -208,7 +210,7 @@ class Flight:
             if self.remaining() <= 0:
                 raise DeadlineExceeded("the request's deadline passed while prefill workers refused it")
             cached = plan.cached_blocks * block_size.get(wid, 0) if wid == plan.worker_id else 0
-            d.table.assign(self.request_id, wid, len(token_ids) - cached)
+            d.table.assign(self.request_id, wid, len(token_ids), cached)
             d.policy.update(RouteResult(self.request_id, wid, "dispatched", len(token_ids), cached))
             reason = await self._try(wid, task)
             if reason is None:
@@ -237,7 +239,7 @@ class Flight:
             raise DeadlineExceeded("the request's deadline passed before it was dispatched")
         info = d.directory.get(wid)
         cached = plan.cached_blocks * (info.block_size if info else 0)
-        d.table.assign(self.request_id, wid, self.prompt_tokens - cached)
+        d.table.assign(self.request_id, wid, self.prompt_tokens, cached)
         reason = await self._try(wid, task, local=True)
         d.local.metrics.dispatches.labels(plan.reason or "local", reason or "accepted").inc()
         if reason is None:

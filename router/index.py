@@ -206,6 +206,12 @@ class PrefixIndex:
         w = self._workers.get(worker_id)
         return 0 if w is None else self._bits[w.slot]
 
+    @property
+    def slot_ids(self) -> list[str]:
+        """Slot -> worker id ("" when free): bit ``i`` of a ``match_masks`` mask is slot ``i``.
+        The index's own list (kept current): read it, never change it."""
+        return self._ids
+
     def flush_touches(self) -> None:
         """Apply the recency of recent matches to the LRU order (done by ``apply`` too)."""
         touch, touches = self._map.touch, self._touches

@@ -1,8 +1,8 @@
 """Routing policies: pure, synchronous state machines. ``decide() -> Plan``, ``update(result)``.
 
 No I/O here. The dispatcher builds a ``RouteRequest`` and the ``WorkerView``s (reported load
-merged with what this router dispatched and has not seen finish), asks the policy for a
-``Plan``, dispatches, and tells the policy what happened through ``update``.
+merged with what the routers dispatched and have not seen finish: ``router/ledger.py``), asks
+the policy for a ``Plan``, dispatches, and tells the policy what happened through ``update``.
 Load is counted at dispatch time, not when requests finish.
 """
 
@@ -12,7 +12,10 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from kvrelay.router.ledger import LoadLedger
 
 
 class NoWorkers(Exception):
@@ -80,6 +83,10 @@ class Policy(ABC):
 
     def update(self, result: RouteResult) -> None:  # noqa: B027 - optional hook
         """Learn from what happened to a plan. Stateless policies ignore it."""
+
+    def bind(self, ledger: LoadLedger) -> None:  # noqa: B027 - optional hook
+        """Read dispatch-time load from ``ledger`` (``router/ledger.py``), its one owner. Policies
+        that need more than the views they are handed keep a reference; the others ignore it."""
 
 
 def order_by_cost(

@@ -1,8 +1,8 @@
 """Router replicas share their dispatch-time load so they do not pile onto the same worker.
 
-Each router publishes its ``InflightTable`` changes as ``InflightDelta`` messages on
+Each router publishes its ``LoadLedger`` changes as ``InflightDelta`` messages on
 ``kvrelay.<ns>.inflight.<router>`` (core NATS, fire and forget) and applies the other routers'
-deltas to a ``RemoteLoads`` table, which ``InflightTable.views`` adds to its own counts:
+deltas to a ``RemoteLoads`` table, which ``LoadLedger.views`` takes into its per-worker load:
 
     dispatched    (request, worker, prompt tokens not cached): the request counts on ``worker``
     prefill_done  the first token arrived: its prompt tokens no longer count
@@ -33,7 +33,7 @@ import nats.errors
 from nats.aio.msg import Msg
 
 from kvrelay.base.logs import get_logger
-from kvrelay.router.inflight import InflightTable
+from kvrelay.router.ledger import LoadLedger
 from kvrelay.schemas.codec import Message, unpack, message
 from kvrelay.schemas.errors import SchemaError
 from kvrelay.schemas.struct import limit
@@ -138,7 +138,7 @@ class SharedInflight:
     """Publishes this router's table changes and applies the others'. Owns one subscription and
     one publishing task (``start`` / ``close``)."""
 
-    def __init__(self, bus: Bus, table: InflightTable, router_id: str, ttl_s: float,
+    def __init__(self, bus: Bus, table: LoadLedger, router_id: str, ttl_s: float,
                  max_entries: int = 65536, max_queue: int = 4096) -> None:
         self.bus, self.table, self.router_id = bus, table, router_id
         self.subject = bus.subjects.inflight(subject_token(router_id))

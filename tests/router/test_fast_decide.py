@@ -1,10 +1,10 @@
-"""fast_decide.rank_masks: the top-k by cost equals a brute-force costing of every worker."""
+"""fast_decide.MaskRanker: the top-k by cost equals a brute-force costing of every worker."""
 
 from __future__ import annotations
 
 import random
 
-from kvrelay.router.fast_decide import rank_masks
+from kvrelay.router.fast_decide import MaskRanker
 from kvrelay.router.index import PrefixIndex
 from kvrelay.router.kv_policy import KvAware
 from kvrelay.schemas.hashing import HashSpec
@@ -27,8 +27,12 @@ def _setup(rng: random.Random, workers: int) -> tuple[PrefixIndex, KvAware, list
             idx.apply(KvEventBatch(worker_id=f"w{i}", epoch=1, event_id=1, spec=SPEC, events=events))
     pol = KvAware(index=idx, block_size=4, seed=1, max_fallbacks=3)
     for i in range(workers):
-        pol.board.set(f"w{i}", queued_tokens=rng.randrange(0, 200), active=rng.randrange(0, 4))
+        pol.ledger.report(f"w{i}", queued_tokens=rng.randrange(0, 200), active=rng.randrange(0, 4))
     return idx, pol, convs
+
+
+def _ranker(idx: PrefixIndex, pol: KvAware) -> MaskRanker:
+    return MaskRanker(idx, pol.ranking, pol.w_prefill, pol.block_size, pol.max_fallbacks, random.Random(1))
 
 
 def test_fast_decide_rank_equals_brute_force_costs() -> None:
@@ -39,18 +43,18 @@ def test_fast_decide_rank_equals_brute_force_costs() -> None:
         num_tokens = 4 * len(q) + rng.randrange(4)
         records = idx.match_masks(q)
         overlap = idx.match(q)
-        ranked, cached = rank_masks(pol, num_tokens, records)
-        costs = sorted(max(0.0, num_tokens - 4 * overlap.get(w, 0)) + pol.board.load(w)
-                       for _, w in pol.board.order())
+        ranked, cached = _ranker(idx, pol).rank(num_tokens, records)
+        costs = sorted(max(0.0, num_tokens - 4 * overlap.get(w, 0)) + pol.ranking.cost(w)
+                       for _, w in pol.ranking.order)
         assert [c for c, _ in ranked] == costs[: len(ranked)]
         assert len(ranked) == min(4, len(costs))
         best = ranked[0][1]
         assert cached == overlap.get(best, 0)
-        assert ranked[0][0] == max(0.0, num_tokens - 4 * cached) + pol.board.load(best)
+        assert ranked[0][0] == max(0.0, num_tokens - 4 * cached) + pol.ranking.cost(best)
 
 
 def test_fast_decide_without_overlap_picks_the_least_loaded() -> None:
     rng = random.Random(9)
     idx, pol, _ = _setup(rng, 8)
-    ranked, cached = rank_masks(pol, 40, idx.match_masks([987654321]))
-    assert cached == 0 and ranked[0][0] == 40 + pol.board.order()[0][0]
+    ranked, cached = _ranker(idx, pol).rank(40, idx.match_masks([987654321]))
+    assert cached == 0 and ranked[0][0] == 40 + pol.ranking.order[0][0]

@@ -22,7 +22,7 @@ def _index(**held: int) -> PrefixIndex:
 def _policy(idx: PrefixIndex | None, threshold: int = 32, prefill: str = "ab") -> KvAware:
     pol = KvAware(index=idx, block_size=16, local_threshold_tokens=threshold, seed=1)
     for w in prefill:
-        pol.board.set(w)
+        pol.ledger.report(w)
     return pol
 
 
@@ -81,8 +81,8 @@ def test_kv_policy_without_hashes_uses_the_views_and_the_session() -> None:
 
 def test_kv_policy_temperature_path_plans_local_too() -> None:
     pol = KvAware(index=_index(a=2, d1=10), block_size=16, local_threshold_tokens=32, temperature=1.0, seed=3)
-    pol.board.set("a")
-    pol.board.set("b")
+    pol.ledger.report("a")
+    pol.ledger.report("b")
     assert pol.route(_req(prev="d1")).worker_id == "d1"
     assert pol.route(_req(cands=("d1",))).reason == "decode_cache"
 

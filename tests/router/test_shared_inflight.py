@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from kvrelay.router.inflight import InflightTable
+from kvrelay.router.ledger import LoadLedger
 from kvrelay.router.shared_inflight import InflightDelta, RemoteLoads, subject_token
 from kvrelay.schemas.codec import unpack, pack
 from kvrelay.schemas.errors import SchemaError
@@ -89,7 +89,7 @@ def test_inflight_delta_rejects_bad_kind_and_roundtrips() -> None:
 
 def test_inflight_table_tells_listener_and_adds_remote_load() -> None:
     heard = []
-    t = InflightTable(8)
+    t = LoadLedger(8)
     t.listener = lambda *a: heard.append(a)
     t.remote = RemoteLoads(clock=Clock())
     t.remote.apply(_d("dispatched", rid="x", worker="w1", tokens=300))
