@@ -10,9 +10,9 @@
 
 Bounds: at most ``max_slots`` requests run, and pull requests never ask for more messages than
 free slots (``DecodeSlots``, shared with local prefills); messages that arrive beyond that, or
-while ``max_slots`` requests run, are nak'ed back to the queue. Until the
-first delta the message is kept alive with ``in_progress``; a worker stopping before then naks it
-so another decode worker takes the request (the KV lease is still held for it).
+while ``max_slots`` requests run, are nak'ed back to the queue. Until the first delta the message
+is kept alive with ``in_progress``; a worker stopping before then naks it so another decode worker
+takes the request (the KV lease is still held for it).
 """
 
 from __future__ import annotations
@@ -20,29 +20,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
-import socket
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from nats.aio.msg import Msg
 
-from kvrelay.base.ids import now_ms, remaining_s
+from kvrelay.base.ids import remaining_s
 from kvrelay.base.logs import bound, get_logger
-from kvrelay.base.tasks import TaskOwner
 from kvrelay.schemas.codec import unpack
-from kvrelay.schemas.messages import Cancel, LeaseRelease, PrefillDone, Usage, WorkerInfo
+from kvrelay.schemas.messages import LeaseRelease, PrefillDone, Usage
 from kvrelay.transport.bus import Bus
-from kvrelay.transport.discovery import Announcer
-from kvrelay.transport.errors import TransportError
 from kvrelay.transport.subjects import check_subject, check_token
 from kvrelay.workers import metrics as m
 from kvrelay.workers.config import WorkerProcessConfig
 from kvrelay.workers.engine import DecodeEngine, TokenDelta
 from kvrelay.workers.errors import EngineError
+from kvrelay.workers.lifecycle import WorkerService
 from kvrelay.workers.local_prefill import LocalPrefills
-from kvrelay.workers.metrics import MetricsServer
 from kvrelay.workers.pull import (
     AFFINITY_INACTIVE_S,
     FETCH_ERRORS,
@@ -55,10 +51,10 @@ from kvrelay.workers.pull import (
 )
 from kvrelay.workers.service import (
     RecentIds,
+    Stream,
     emit,
     engine_failed,
     error_chunk,
-    heartbeat,
     run_worker,
     token_chunk,
     worker_id,
@@ -67,84 +63,61 @@ from kvrelay.workers.service import (
 log = get_logger(__name__)
 
 
-@dataclass
-class Active:
+@dataclass(kw_only=True)
+class Active(Stream):
+    """A request pulled from the work queue, from its message to its last chunk."""
+
     done: PrefillDone
     msg: Msg
     pulled_at: float
-    task: asyncio.Task[Any] | None = None
-    seq: int = 1  # the prefill worker sent seq 0
-    generated: int = 0
     started: bool = False  # the first delta came: the KV is in
     settled: bool = False  # acked, termed or nak'ed
     released: bool = False  # LeaseRelease sent (or deliberately not: nak'ed for another worker)
-    ended: bool = False  # the final chunk went out
-    cancelled: bool = False
+
+    @classmethod
+    def pulled(cls, done: PrefillDone, msg: Msg) -> Active:  # the prefill worker sent seq 0
+        return cls(done=done, msg=msg, pulled_at=time.monotonic(), request_id=done.request_id,
+                   subject=done.stream_subject, deadline_ms=done.deadline_ms,
+                   prompt_tokens=len(done.prompt_token_ids), cached_tokens=done.cached_tokens,
+                   seq=1, completion_tokens=1)
 
 
-class DecodeService:
+class DecodeService(WorkerService):
     """One decode worker's state and bus handlers. ``start()``, then ``shutdown()``."""
 
+    role = "decode"
+    capacity_key = "max_slots"
+
     def __init__(self, cfg: WorkerProcessConfig, engine: DecodeEngine, bus: Bus, wid: str) -> None:
-        self.cfg = cfg.decode
-        self.engine = engine
-        self.bus = bus
-        self.id = wid
-        self.subjects = bus.subjects
+        super().__init__(cfg.decode, engine, bus, wid, cfg.decode.max_slots)
         self.slots = DecodeSlots(self.cfg.max_slots)
-        self.active: dict[str, Active] = {}  # pulled requests and local prefills (LocalActive)
+        self.active: dict[str, Stream] = {}  # pulled requests (Active) and local prefills
         self.local = LocalPrefills(self)
         self.cancelled = RecentIds(4096)  # cancels seen; a PrefillDone pulled later is dropped
-        self.draining = False
-        self.dead = asyncio.Event()
-        self.owner = TaskOwner(f"decode-{wid}")
-        self.metrics = MetricsServer(self.cfg.metrics_port)
-        self.announcer = Announcer(bus, wid, self.info)
         self._pullers: set[asyncio.Task[Any]] = set()
-        self._subs: list = []
-        self._started_ms = now_ms()
-        self._running = False  # start() completed
         self._kv_bytes_seen = 0
 
     # --- lifecycle ------------------------------------------------------------------------------
-    async def start(self) -> None:
-        await self.metrics.start()
+    async def _open(self) -> list[Any]:
         s, c = self.subjects, self.cfg
         shared = await pull_consumer(self.bus, consumer_config(c, s.consumer_decode, s.prefilled, None))
         own = await pull_consumer(self.bus, consumer_config(
             c, affinity_durable(self.id), s.prefilled_for(self.id), AFFINITY_INACTIVE_S))
-        self._subs = [shared, own, await self.bus.subscribe(s.cancel_all, self.on_cancel),
-                      await self.bus.subscribe(s.local_prefill(self.id), self.local.on_task)]
+        subs = [shared, own, await self.bus.subscribe(s.local_prefill(self.id), self.local.on_task)]
         self._pullers = {
             self.owner.spawn(self._pull_loop(shared, c.fetch_batch), "pull-shared"),
             self.owner.spawn(self._pull_loop(own, 1), "pull-own"),
         }
-        self.owner.spawn(heartbeat(self.announcer, self.bus.cfg.heartbeat_s), "heartbeat")
-        self._running = True
-        log.info("decode_worker_started", worker=self.id, max_slots=c.max_slots)
+        return subs
 
-    async def shutdown(self) -> None:
-        """Stop pulling, let running requests finish (bounded), then cancel and await everything."""
-        self.draining = True
+    def _stop_taking(self) -> None:
         self.slots.freed.set()  # a pull loop holding a message for a slot gives it back now
-        if self._running:  # routers see "draining" now, not at the next heartbeat
-            try:
-                await self.announcer.put_once()
-            except TransportError as exc:
-                log.warning("draining_announce_failed", error=repr(exc))
+
+    async def _drain(self) -> None:
+        """Stop pulling, then let running requests finish (bounded by ``drain_timeout_s``)."""
         await self.owner.wait(self._pullers, self.cfg.fetch_timeout_s + self.bus.cfg.request_timeout_s)
         running = {a.task for a in self.active.values() if a.task is not None}
         await self.owner.wait(running, self.cfg.drain_timeout_s)
-        self.announcer.stop()  # ends the heartbeat even if its cancel is lost (Announcer doc)
-        await self.owner.close()
-        for sub in self._subs:
-            try:
-                await sub.unsubscribe()
-            except Exception as exc:  # noqa: BLE001 - the connection may already be gone
-                log.warning("unsubscribe_failed", error=repr(exc))
-        await self.metrics.stop()
-        m.DECODE_ACTIVE.set(len(self.active))
-        log.info("decode_worker_stopped", worker=self.id)
 
     # --- pulling --------------------------------------------------------------------------------
     async def _pull_loop(self, sub: Any, most: int) -> None:
@@ -209,41 +182,32 @@ class DecodeService:
             m.DECODE_REQUESTS.labels("duplicate").inc()
             await settle(msg, "term")
             return 0
-        act = Active(done, msg, time.monotonic())
+        act = Active.pulled(done, msg)
         left = remaining_s(done.deadline_ms)
         if rid in self.cancelled or (left is not None and left <= 0):
             with bound(request_id=rid):
                 act.settled = True
                 await settle(msg, "term")
                 if rid in self.cancelled:
-                    await self._end_error(act, "cancelled", "request cancelled", 499, "abort")
+                    await self.end_error(act, "cancelled", "request cancelled", 499, "abort")
                 else:
-                    await self._end_error(act, "timeout", "deadline passed before decode started", 504)
+                    await self.end_error(act, "timeout", "deadline passed before decode started", 504)
                 await self._release(act, "dropped")
             m.DECODE_REQUESTS.labels("cancelled" if rid in self.cancelled else "timeout").inc()
             return 0
-        self.active[rid] = act
-        m.DECODE_ACTIVE.set(len(self.active))
-        act.task = self.owner.spawn(self._request(act), f"req-{rid}")
+        self._start(act, self._request(act), f"req-{rid}")
         return 1
 
-    # --- one request ----------------------------------------------------------------------------
+    # --- one pulled request ----------------------------------------------------------------------
     async def _request(self, act: Active) -> None:
-        rid = act.done.request_id
         outcome = "error"
-        with bound(request_id=rid):
+        with bound(request_id=act.request_id):
             try:
-                outcome = await asyncio.wait_for(self._stream(act), remaining_s(act.done.deadline_ms))
-            except asyncio.TimeoutError:
-                outcome = "timeout"
-                await self._abort(rid)
-                await self._end_error(act, "timeout", "decode did not finish before the deadline", 504)
+                outcome = await self.drive(act, self._stream(act), "decode",
+                                           "decode did not finish before the deadline")
             except asyncio.CancelledError:
                 outcome = await self._stopped(act)
                 raise
-            except Exception as exc:  # noqa: BLE001 - an engine failure ends this request only
-                end = functools.partial(self._end_error, act)
-                outcome = await engine_failed(exc, act.cancelled, "decode", end, self.dead)
             finally:
                 await self._finish(act, outcome)
 
@@ -262,16 +226,13 @@ class DecodeService:
             await self._release(act, "loaded")
             last = time.monotonic()
             while delta is not None:
-                if await self._publish(act, delta):
+                if await self.publish(act, delta):
                     return delta.finish_reason or "stop"
                 delta = await _next(agen)
                 now = time.monotonic()
                 m.DECODE_INTER_TOKEN.observe(now - last)
                 last = now
-            if act.cancelled:
-                await self._end_error(act, "cancelled", "request cancelled", 499, "abort")
-                return "cancelled"
-            raise EngineError("the engine's token stream ended without a finish reason")
+            return await self.unfinished(act)
         finally:
             aclose = getattr(agen, "aclose", None)
             if aclose is not None:
@@ -294,40 +255,21 @@ class DecodeService:
                 nxt.cancel()
                 await asyncio.gather(nxt, return_exceptions=True)
 
-    async def _publish(self, act: Active, delta: TokenDelta) -> bool:
-        """One delta as one chunk; True when it was the last."""
-        act.generated += len(delta.token_ids)
-        m.DECODE_TOKENS.inc(len(delta.token_ids))
-        usage = None
-        if delta.finish_reason:
-            usage = Usage(prompt_tokens=len(act.done.prompt_token_ids), completion_tokens=1 + act.generated,
-                          cached_tokens=act.done.cached_tokens)
-            act.ended = True
-        chunk = token_chunk(act.done.request_id, act.seq, self.id, delta.token_ids, delta.text,
-                            delta.finish_reason, usage)
-        act.seq += 1
-        await emit(self.bus, act.done.stream_subject, chunk, "token")
-        return act.ended
-
     async def _stopped(self, act: Active) -> str:
         """The worker stops under this request: before the KV is in, hand it to another worker."""
         if not act.started and not act.settled:
             act.settled = act.released = True  # the next decode worker needs the lease
             await settle(act.msg, "nak")
             return "returned"
-        await self._abort(act.done.request_id)
-        await self._end_error(act, "draining", "decode worker shut down", 503)
-        return "draining"
+        return await self.stopped(act)
 
     async def _finish(self, act: Active, outcome: str) -> None:
         if not act.settled:
             act.settled = True
             await settle(act.msg, "term")
         await self._release(act, "done" if outcome in ("stop", "length") else outcome)
-        self.active.pop(act.done.request_id, None)
+        self._end(act, outcome)
         self.slots.release()
-        m.DECODE_ACTIVE.set(len(self.active))
-        m.DECODE_REQUESTS.labels(outcome).inc()
 
     async def _release(self, act: Active, reason: str) -> None:
         """Tell the prefill worker it may free the KV: exactly once per request."""
@@ -338,33 +280,92 @@ class DecodeService:
         rel = LeaseRelease(request_id=d.request_id, ticket=d.kv.ticket, reason=reason[:64])
         await emit(self.bus, self.subjects.kv_release(d.prefill_worker), rel, "release")
 
-    async def _end_error(self, act: Active, code: str, message: str, status: int,
-                         finish: Any = "error") -> None:
+    # --- any request: pulled, or a local prefill (workers/local_prefill.py) ------------------------
+    def knows(self, request_id: str) -> bool:
+        """Whether ``request_id`` runs here or was cancelled."""
+        return request_id in self.active or request_id in self.cancelled
+
+    def admit_local(self, act: Stream, run: Callable[[], Coroutine[Any, Any, None]]) -> bool:
+        """Take a slot for a local prefill (borrowing one a pull holds in reserve: ``DecodeSlots``)
+        and start ``run()``, its runner; False when ``max_slots`` requests run already."""
+        if not self.slots.take_local(len(self.active)):
+            return False
+        self._start(act, run(), f"local-{act.request_id}")
+        return True
+
+    def end_local(self, act: Stream, outcome: str) -> None:
+        """A local prefill ended with ``outcome``: its slot (or borrow) is given back."""
+        self._end(act, outcome)
+        self.slots.give_local()
+
+    async def drive(self, act: Stream, body: Coroutine[Any, Any, str], what: str, late: str) -> str:
+        """Await ``body`` (streaming; returns the finish reason) until the request's deadline; a
+        timeout (``late``: its message) or an engine failure ends the stream. Returns the outcome."""
+        try:
+            return await asyncio.wait_for(body, remaining_s(act.deadline_ms))
+        except asyncio.TimeoutError:
+            await self.abort(act.request_id)
+            await self.end_error(act, "timeout", late, 504)
+            return "timeout"
+        except Exception as exc:  # noqa: BLE001 - an engine failure ends this request only
+            end = functools.partial(self.end_error, act)
+            return await engine_failed(exc, act.cancelled, what, end, self.dead)
+
+    async def stopped(self, act: Stream) -> str:
+        """The worker stops under a running request: abort it and end its stream ("draining")."""
+        await self.abort(act.request_id)
+        await self.end_error(act, "draining", "decode worker shut down", 503)
+        return "draining"
+
+    async def publish(self, act: Stream, delta: TokenDelta) -> bool:
+        """One delta as one chunk; True when it was the last (it carries the usage)."""
+        act.completion_tokens += len(delta.token_ids)
+        m.DECODE_TOKENS.inc(len(delta.token_ids))
+        usage = None
+        if delta.finish_reason:
+            usage = Usage(prompt_tokens=act.prompt_tokens, completion_tokens=act.completion_tokens,
+                          cached_tokens=act.cached_tokens)
+            act.ended = True
+        chunk = token_chunk(act.request_id, act.seq, self.id, delta.token_ids, delta.text,
+                            delta.finish_reason, usage)
+        act.seq += 1
+        await emit(self.bus, act.subject, chunk, "token")
+        return act.ended
+
+    async def unfinished(self, act: Stream) -> str:
+        """The engine's stream ended without a finish reason: "cancelled" when the client cancelled
+        (the stream ends with "abort"); else an ``EngineError``."""
+        if act.cancelled:
+            await self.end_error(act, "cancelled", "request cancelled", 499, "abort")
+            return "cancelled"
+        raise EngineError("the engine's token stream ended without a finish reason")
+
+    async def end_error(self, act: Stream, code: str, message: str, status: int, finish: Any = "error") -> None:
+        """End the stream with an error chunk, unless its final chunk went out already."""
         if act.ended:
             return
         act.ended = True
-        chunk = error_chunk(act.done.request_id, act.seq, self.id, code, message, status, finish)
+        chunk = error_chunk(act.request_id, act.seq, self.id, code, message, status, finish)
         act.seq += 1
-        await emit(self.bus, act.done.stream_subject, chunk, "error")
+        await emit(self.bus, act.subject, chunk, "error")
 
-    async def _abort(self, request_id: str) -> None:
-        try:
-            await asyncio.wait_for(self.engine.abort(request_id), self.bus.cfg.request_timeout_s)
-        except Exception as exc:  # noqa: BLE001 - best effort; the request is ending anyway
-            log.warning("abort_failed", error=repr(exc))
+    def _start(self, act: Stream, run: Coroutine[Any, Any, None], name: str) -> None:
+        self.active[act.request_id] = act
+        self._gauges()
+        act.task = self.owner.spawn(run, name)
+
+    def _end(self, act: Stream, outcome: str) -> None:
+        self.active.pop(act.request_id, None)
+        self._gauges()
+        m.DECODE_REQUESTS.labels(outcome).inc()
 
     # --- cancellation and reporting --------------------------------------------------------------
-    async def on_cancel(self, msg: Msg) -> None:
-        try:
-            cancel = unpack(msg.data, Cancel)
-        except ValueError as exc:
-            log.warning("bad_cancel", error=str(exc))
-            return
-        self.cancelled.add(cancel.request_id)
-        act = self.active.get(cancel.request_id)
+    async def _cancel(self, rid: str) -> None:
+        self.cancelled.add(rid)
+        act = self.active.get(rid)
         if act is not None and not act.cancelled:
             act.cancelled = True
-            await self._abort(cancel.request_id)
+            await self.abort(rid)
 
     def _fold_kv_bytes(self) -> Any:
         """Add the engine's KV bytes moved since the last fold to the metric; returns the stats."""
@@ -374,17 +375,11 @@ class DecodeService:
             self._kv_bytes_seen = stats.kv_bytes_moved
         return stats
 
-    def info(self) -> WorkerInfo:
-        stats = self._fold_kv_bytes()
-        i = self.engine.info
-        return WorkerInfo(
-            worker_id=self.id, role="decode", model=i.model, host=socket.gethostname(), pid=os.getpid(),
-            started_ms=self._started_ms, heartbeat_ms=now_ms(), block_size=i.block_size,
-            hash_seed=i.hash_seed, backends=list(i.backends), max_slots=self.cfg.max_slots,
-            active=len(self.active), free_kv_blocks=stats.free_kv_blocks, draining=self.draining,
-            max_model_len=i.max_model_len,
-        )
+    def _load(self) -> dict[str, Any]:
+        return {"active": len(self.active), "free_kv_blocks": self._fold_kv_bytes().free_kv_blocks}
 
+    def _gauges(self) -> None:
+        m.DECODE_ACTIVE.set(len(self.active))
 
 
 async def _next(agen: Any) -> TokenDelta | None:

@@ -23,10 +23,9 @@ finish: stop, length, cancelled, timeout, engine_error, draining) and
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from nats.aio.msg import Msg
 from prometheus_client import Counter
@@ -34,13 +33,12 @@ from prometheus_client import Counter
 from kvrelay.base.ids import now_ms, remaining_s
 from kvrelay.base.logs import bound, get_logger
 from kvrelay.schemas.codec import unpack
-from kvrelay.schemas.messages import DispatchReply, PrefillTask, Usage
+from kvrelay.schemas.messages import DispatchReply, PrefillTask
 from kvrelay.transport.errors import TransportError
 from kvrelay.transport.subjects import check_subject, check_token
 from kvrelay.workers import metrics as m
 from kvrelay.workers.engine import TokenDelta
-from kvrelay.workers.errors import EngineError
-from kvrelay.workers.service import emit, engine_failed, error_chunk, token_chunk
+from kvrelay.workers.service import Stream
 
 if TYPE_CHECKING:
     from kvrelay.workers.decode import DecodeService
@@ -55,26 +53,24 @@ LOCAL_PROMPT_TOKENS = Counter("kvrelay_decode_local_prompt_tokens_total",
                               ["source"])
 
 
-@dataclass
-class LocalActive:
+@dataclass(kw_only=True)
+class LocalActive(Stream):
     """One local prefill in the decode service's ``active`` map (next to pulled requests)."""
 
     job: PrefillTask
     started_at: float
-    task: asyncio.Task[Any] | None = None  # the runner (the service awaits it when stopping)
-    seq: int = 0
-    generated: int = 0
-    cached_tokens: int = 0
-    ended: bool = False  # the final chunk went out
-    cancelled: bool = False
 
-    @property
-    def request_id(self) -> str:
-        return self.job.request_id
+    @classmethod
+    def of(cls, task: PrefillTask) -> LocalActive:
+        return cls(job=task, started_at=time.monotonic(), request_id=task.request_id,
+                   subject=task.stream_subject, deadline_ms=task.deadline_ms,
+                   prompt_tokens=len(task.prompt_token_ids))
 
 
 class LocalPrefills:
-    """The ``local.<worker>`` handler and runner of one ``DecodeService``."""
+    """The ``local.<worker>`` handler and runner of one ``DecodeService``; it uses the service's
+    public side only (``knows``, ``admit_local``, ``end_local``, ``drive``, ``stopped``,
+    ``publish``, ``unfinished``)."""
 
     def __init__(self, svc: DecodeService) -> None:
         self.svc = svc
@@ -96,13 +92,12 @@ class LocalPrefills:
             check_token(task.request_id, "request_id")
         except ValueError as exc:
             return _refuse("invalid", f"bad local prefill task: {str(exc)[:300]}")
-        run = getattr(svc.engine, "stream_local", None)
-        if run is None:
+        if getattr(svc.engine, "stream_local", None) is None:
             return _refuse("unsupported", "this decode engine cannot prefill locally")
         if svc.draining:
             return _refuse("draining", "the decode worker is stopping")
         rid = task.request_id
-        if rid in svc.active or rid in svc.cancelled:
+        if svc.knows(rid):
             return _refuse("invalid", f"request {rid!r} is already here or was cancelled")
         left = remaining_s(task.deadline_ms)
         if left is not None and left <= 0:
@@ -111,38 +106,23 @@ class LocalPrefills:
             return _refuse("timeout", "the offer expired (the router stopped waiting for this reply)")
         if len(task.prompt_token_ids) + task.sampling.max_tokens > svc.engine.info.max_model_len:
             return _refuse("invalid", "prompt plus max_tokens exceed this engine's context")
-        if not svc.slots.take_local(len(svc.active)):
+        act = LocalActive.of(task)
+        if not svc.admit_local(act, lambda: self._run(act)):
             return _refuse("overloaded", f"all {svc.cfg.max_slots} decode slots are in use")
-        act = LocalActive(task, time.monotonic())
-        svc.active[rid] = act  # type: ignore[assignment]
-        m.DECODE_ACTIVE.set(len(svc.active))
-        act.task = svc.owner.spawn(self._run(act), f"local-{rid}")
         return DispatchReply(accepted=True)
 
     async def _run(self, act: LocalActive) -> None:
-        svc, rid = self.svc, act.request_id
+        svc = self.svc
         outcome = "error"
-        with bound(request_id=rid):
+        with bound(request_id=act.request_id):
             try:
-                outcome = await asyncio.wait_for(self._stream(act), remaining_s(act.job.deadline_ms))
-            except asyncio.TimeoutError:
-                outcome = "timeout"
-                await svc._abort(rid)
-                await self._end_error(act, "timeout", "the local prefill did not finish before the deadline",
-                                      504)
+                outcome = await svc.drive(act, self._stream(act), "local prefill",
+                                          "the local prefill did not finish before the deadline")
             except asyncio.CancelledError:
-                outcome = "draining"
-                await svc._abort(rid)
-                await self._end_error(act, "draining", "decode worker shut down", 503)
+                outcome = await svc.stopped(act)
                 raise
-            except Exception as exc:  # noqa: BLE001 - an engine failure ends this request only
-                end = functools.partial(self._end_error, act)
-                outcome = await engine_failed(exc, act.cancelled, "local prefill", end, svc.dead)
             finally:
-                svc.active.pop(rid, None)
-                svc.slots.give_local()
-                m.DECODE_ACTIVE.set(len(svc.active))
-                m.DECODE_REQUESTS.labels(outcome).inc()
+                svc.end_local(act, outcome)
                 LOCAL_PREFILLS.labels(outcome).inc()
 
     async def _stream(self, act: LocalActive) -> str:
@@ -158,12 +138,9 @@ class LocalPrefills:
                 else:
                     m.DECODE_INTER_TOKEN.observe(now - last)
                 last = now
-                if await self._publish(act, delta):
+                if await self.svc.publish(act, delta):
                     return delta.finish_reason or "stop"
-            if act.cancelled:
-                await self._end_error(act, "cancelled", "request cancelled", 499, "abort")
-                return "cancelled"
-            raise EngineError("the engine's token stream ended without a finish reason")
+            return await self.svc.unfinished(act)
         finally:
             try:
                 await agen.aclose()
@@ -171,36 +148,11 @@ class LocalPrefills:
                 log.warning("local_stream_close_failed", error=repr(exc))
 
     def _first(self, act: LocalActive, delta: TokenDelta) -> None:
-        prompt = len(act.job.prompt_token_ids)
-        act.cached_tokens = min(delta.cached_tokens, prompt)
+        act.cached_tokens = min(delta.cached_tokens, act.prompt_tokens)
         LOCAL_PROMPT_TOKENS.labels("cached").inc(act.cached_tokens)
-        LOCAL_PROMPT_TOKENS.labels("computed").inc(prompt - act.cached_tokens)
+        LOCAL_PROMPT_TOKENS.labels("computed").inc(act.prompt_tokens - act.cached_tokens)
         m.DECODE_TIME_TO_KV.observe(time.monotonic() - act.started_at)
-        log.info("local_prefill", prompt_tokens=prompt, cached_tokens=act.cached_tokens)
-
-    async def _publish(self, act: LocalActive, delta: TokenDelta) -> bool:
-        """One delta as one chunk; True when it was the last."""
-        act.generated += len(delta.token_ids)
-        m.DECODE_TOKENS.inc(len(delta.token_ids))
-        usage = None
-        if delta.finish_reason:
-            usage = Usage(prompt_tokens=len(act.job.prompt_token_ids), completion_tokens=act.generated,
-                          cached_tokens=act.cached_tokens)
-            act.ended = True
-        chunk = token_chunk(act.request_id, act.seq, self.svc.id, delta.token_ids, delta.text,
-                            delta.finish_reason, usage)
-        act.seq += 1
-        await emit(self.svc.bus, act.job.stream_subject, chunk, "token")
-        return act.ended
-
-    async def _end_error(self, act: LocalActive, code: str, message: str, status: int,
-                         finish: Any = "error") -> None:
-        if act.ended:
-            return
-        act.ended = True
-        chunk = error_chunk(act.request_id, act.seq, self.svc.id, code, message, status, finish)
-        act.seq += 1
-        await emit(self.svc.bus, act.job.stream_subject, chunk, "error")
+        log.info("local_prefill", prompt_tokens=act.prompt_tokens, cached_tokens=act.cached_tokens)
 
 
 def _refuse(code: str, reason: str) -> DispatchReply:

@@ -15,40 +15,34 @@ ends the request with an "overloaded" (429) error chunk and frees its KV at once
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from nats.aio.msg import Msg
 
 from kvrelay.base.ids import now_ms, remaining_s
 from kvrelay.base.logs import bound, get_logger
-from kvrelay.base.tasks import TaskOwner
 from kvrelay.schemas.codec import unpack
 from kvrelay.schemas.messages import (
-    Cancel,
     DispatchReply,
     LeaseRelease,
     PrefillDone,
     PrefillTask,
     Usage,
-    WorkerInfo,
 )
 from kvrelay.transport.bus import Bus
-from kvrelay.transport.discovery import Announcer
 from kvrelay.transport.errors import Backpressure, BusTimeout, TransportError
 from kvrelay.transport.subjects import check_subject, check_token
 from kvrelay.workers import metrics as m
 from kvrelay.workers.config import WorkerProcessConfig
 from kvrelay.workers.engine import PrefillEngine, PrefillOutput
 from kvrelay.workers.errors import EngineDead, ExportFull
-from kvrelay.workers.metrics import MetricsServer
+from kvrelay.workers.lifecycle import WorkerService
 from kvrelay.workers.prefill_queue import PrefillQueue, Queued
 from kvrelay.workers.service import (
     emit,
     error_chunk,
-    heartbeat,
     run_worker,
     token_chunk,
     worker_id,
@@ -63,53 +57,35 @@ class Running:
     cancelled: bool = False
 
 
-class PrefillService:
+class PrefillService(WorkerService):
     """One prefill worker's state and bus handlers. ``start()``, then ``shutdown()``."""
 
+    role = "prefill"
+    capacity_key = "max_running"
+
     def __init__(self, cfg: WorkerProcessConfig, engine: PrefillEngine, bus: Bus, wid: str) -> None:
-        self.cfg = cfg.prefill
-        self.engine = engine
-        self.bus = bus
-        self.id = wid
-        self.subjects = bus.subjects
+        super().__init__(cfg.prefill, engine, bus, wid, cfg.prefill.max_running)
         self.queue = PrefillQueue(self.cfg.max_queued, self.cfg.max_queued_tokens, engine.info.block_size,
                                   engine.info.max_model_len)
         self.running: dict[str, Running] = {}
-        self.draining = False
-        self.dead = asyncio.Event()  # the engine died: serve() shuts down and raises
-        self.owner = TaskOwner(f"prefill-{wid}")
-        self.metrics = MetricsServer(self.cfg.metrics_port)
         self._work = asyncio.Event()  # set while the queue may hold tasks
         self._changed = asyncio.Event()  # set on every task end / lease change (drain waits on it)
-        self._subs: list = []
-        self._started_ms = now_ms()
-        self._running = False  # start() completed
-        self.announcer = Announcer(bus, wid, self.info)
 
     # --- lifecycle ------------------------------------------------------------------------------
-    async def start(self) -> None:
-        await self.metrics.start()
+    async def _open(self) -> list[Any]:
         s = self.subjects
-        self._subs = [
+        subs = [
             await self.bus.subscribe(s.prefill(self.id), self.on_task),
             await self.bus.subscribe(s.kv_release(self.id), self.on_release),
-            await self.bus.subscribe(s.cancel_all, self.on_cancel),
         ]
         for i in range(self.cfg.max_running):
             self.owner.spawn(self._runner(), f"runner-{i}")
         self.owner.spawn(self._lease_loop(), "leases")
-        self.owner.spawn(heartbeat(self.announcer, self.bus.cfg.heartbeat_s), "heartbeat")
-        self._running = True
-        log.info("prefill_worker_started", worker=self.id, max_running=self.cfg.max_running)
+        return subs
 
-    async def shutdown(self) -> None:
-        """Drain (bounded by ``drain_timeout_s``), then cancel and await everything started."""
-        self.draining = True
-        if self._running:  # routers see "draining" now, not at the next heartbeat
-            try:
-                await self.announcer.put_once()
-            except TransportError as exc:
-                log.warning("draining_announce_failed", error=repr(exc))
+    async def _drain(self) -> None:
+        """Until idle (no task queued or running, no KV held) or ``drain_timeout_s``; tasks still
+        queued then end with a "draining" error."""
         deadline = time.monotonic() + self.cfg.drain_timeout_s
         while not self._idle() and not self.dead.is_set():
             left = deadline - time.monotonic()
@@ -122,16 +98,6 @@ class PrefillService:
                 pass
         for item in self.queue.drain():
             await self._fail(item.task, 0, "draining", "worker shut down before the task ran", 503)
-        self.announcer.stop()  # ends the heartbeat even if its cancel is lost (Announcer doc)
-        await self.owner.close()
-        for sub in self._subs:
-            try:
-                await sub.unsubscribe()
-            except Exception as exc:  # noqa: BLE001 - the connection may already be gone
-                log.warning("unsubscribe_failed", error=repr(exc))
-        await self.metrics.stop()
-        self._gauges()
-        log.info("prefill_worker_stopped", worker=self.id)
 
     def _idle(self) -> bool:
         return not self.queue and not self.running and self.engine.stats().exported_blocks == 0
@@ -216,11 +182,11 @@ class PrefillService:
         try:
             out = await asyncio.wait_for(self.engine.prefill(task), left)
         except asyncio.TimeoutError:
-            await self._abort(rid)
+            await self.abort(rid)
             await self._fail(task, 0, "timeout", "prefill did not finish before the deadline", 504)
             return None
         except asyncio.CancelledError:  # shutdown: abort in the engine, tell the client, re-raise
-            await self._abort(rid)
+            await self.abort(rid)
             await self._fail(task, 0, "draining", "worker shut down during the prefill", 503)
             raise
         except (ExportFull, Backpressure) as exc:
@@ -292,12 +258,6 @@ class PrefillService:
             self.engine.release(out.kv.ticket)
             self._changed.set()
 
-    async def _abort(self, request_id: str) -> None:
-        try:
-            await asyncio.wait_for(self.engine.abort(request_id), self.bus.cfg.request_timeout_s)
-        except Exception as exc:  # noqa: BLE001 - best effort; the request is ending anyway
-            log.warning("abort_failed", error=repr(exc))
-
     async def _fail(self, task: PrefillTask, seq: int, code: str, message: str, status: int,
                     outcome: str | None = None) -> None:
         m.PREFILL_REQUESTS.labels(outcome or code).inc()
@@ -330,13 +290,8 @@ class PrefillService:
                 log.info("leases_expired", count=n)
                 self._changed.set()
 
-    async def on_cancel(self, msg: Msg) -> None:
-        try:
-            cancel = unpack(msg.data, Cancel)
-        except ValueError as exc:
-            log.warning("bad_cancel", error=str(exc))
-            return
-        rid = cancel.request_id
+    async def _cancel(self, rid: str) -> None:
+        """Drop a queued task (its stream ends "cancelled"), or abort a running one."""
         item = self.queue.remove(rid)
         if item is not None:
             self._gauges()
@@ -346,21 +301,14 @@ class PrefillService:
         run = self.running.get(rid)
         if run is not None and not run.cancelled:
             run.cancelled = True
-            await self._abort(rid)
+            await self.abort(rid)
 
     # --- reporting ------------------------------------------------------------------------------
-    def info(self) -> WorkerInfo:
+    def _load(self) -> dict[str, Any]:
         stats = self.engine.stats()
-        i = self.engine.info
         m.EXPORT_FREE_BLOCKS.set(stats.export_free_blocks)
-        return WorkerInfo(
-            worker_id=self.id, role="prefill", model=i.model, host=socket.gethostname(), pid=os.getpid(),
-            started_ms=self._started_ms, heartbeat_ms=now_ms(), block_size=i.block_size,
-            hash_seed=i.hash_seed, backends=list(i.backends), max_slots=self.cfg.max_running,
-            active=len(self.running), queued=len(self.queue), queued_tokens=self.queue.tokens,
-            free_kv_blocks=stats.export_free_blocks, draining=self.draining,
-            max_model_len=i.max_model_len,
-        )
+        return {"active": len(self.running), "queued": len(self.queue), "queued_tokens": self.queue.tokens,
+                "free_kv_blocks": stats.export_free_blocks}
 
     def _gauges(self) -> None:
         m.PREFILL_QUEUE_DEPTH.set(len(self.queue))

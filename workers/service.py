@@ -1,5 +1,6 @@
-"""Pieces the prefill and decode services share: worker ids, the task owner, bounded id sets,
-token-chunk builders and a guarded publish.
+"""Pieces the prefill and decode services share: worker ids, bounded id sets, the state of one
+outgoing token stream, token-chunk builders, a guarded publish, the heartbeat and ``run_worker``.
+The services' common lifecycle is ``workers/lifecycle.py``.
 """
 
 from __future__ import annotations
@@ -7,11 +8,11 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from kvrelay.base.ids import component_id, now_ms
 from kvrelay.base.logs import get_logger
-from kvrelay.base.tasks import TaskOwner
 from kvrelay.schemas.codec import Message
 from kvrelay.schemas.messages import ErrorInfo, FinishReason, TokenChunk, Usage
 from kvrelay.transport.bus import Bus
@@ -43,6 +44,22 @@ class RecentIds:
 
     def __contains__(self, rid: object) -> bool:
         return rid in self._ids
+
+
+@dataclass(kw_only=True)
+class Stream:
+    """One request's token stream out of a decode worker (a pulled request or a local prefill)."""
+
+    request_id: str
+    subject: str  # where its chunks go
+    deadline_ms: int
+    prompt_tokens: int
+    cached_tokens: int = 0
+    seq: int = 0  # of the next chunk
+    completion_tokens: int = 0  # tokens streamed so far, a prefill worker's first token included
+    task: asyncio.Task[Any] | None = None  # its runner (the service awaits it when stopping)
+    ended: bool = False  # the final chunk went out
+    cancelled: bool = False
 
 
 def error_chunk(request_id: str, seq: int, worker: str, code: str, message: str, status: int,

@@ -3,6 +3,7 @@ on a real nats-server. Admission against the slots, streaming from seq 0, refusa
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -17,6 +18,7 @@ from kvrelay.transport.bus import Bus
 from kvrelay.transport.config import BusConfig, StreamLimits
 from kvrelay.workers import decode as decode_worker
 from kvrelay.workers.factory import decode_engine
+from kvrelay.workers.service import Stream
 from kvrelay.workers.sim import SimDecodeEngine, sim_tokens
 
 pytestmark = pytest.mark.timeout(90)
@@ -151,3 +153,33 @@ async def test_stream_local_engine_without_it_is_unsupported(bus, bus_config, na
         assert (reply.accepted, reply.code) == (False, "unsupported")
     finally:
         await svc.close()
+
+
+async def test_decode_service_admit_local_takes_slots_until_full_and_end_local_gives_them_back(
+        bus, bus_config) -> None:
+    svc = decode_worker.DecodeService(config(bus_config, decode={"max_slots": 2}).worker_process(),
+                                      FakeDecodeEngine(), bus, "d1")
+    gate = asyncio.Event()
+
+    async def run(act: Stream) -> None:
+        await asyncio.wait_for(gate.wait(), 30)
+        svc.end_local(act, "stop")
+
+    acts = [Stream(request_id=f"r{i}", subject=f"kvrelay.x.tokens.r{i}", deadline_ms=0, prompt_tokens=3)
+            for i in range(3)]
+    try:
+        assert svc.admit_local(acts[0], lambda: run(acts[0]))
+        assert svc.admit_local(acts[1], lambda: run(acts[1]))
+        assert svc.knows("r0") and svc.knows("r1")
+        assert not svc.admit_local(acts[2], lambda: run(acts[2]))  # full: nothing started
+        assert not svc.knows("r2") and acts[2].task is None
+        stops = _count("kvrelay_decode_requests_total", outcome="stop")
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(acts[0].task, acts[1].task), 10)
+        assert not svc.knows("r0") and not svc.knows("r1")
+        assert (svc.slots.used, svc.slots.borrowed) == (0, 0)
+        assert _count("kvrelay_decode_requests_total", outcome="stop") - stops == 2
+        assert svc.admit_local(acts[2], lambda: run(acts[2]))  # a slot came back
+        await asyncio.wait_for(acts[2].task, 10)
+    finally:
+        await svc.owner.close()
