@@ -100,7 +100,10 @@ class Struct(msgspec.Struct, metaclass=_StructMeta, frozen=True, forbid_unknown_
 
 
 def to_validation_error(exc: msgspec.ValidationError, root: str) -> ValidationError:
-    """msgspec's "problem - at `$.a.b`" as ``ValidationError("<root>.a.b", problem)``."""
+    """msgspec's "problem - at `$.a.b`" as ``ValidationError("<root>.a.b", problem)``; a cross-field
+    check's own error (raised in ``validate``) comes back as it was raised."""
+    if isinstance(exc.__cause__, ValidationError):
+        return exc.__cause__
     m = _AT.match(str(exc))
     if m is None:
         return ValidationError(root, str(exc))

@@ -101,3 +101,10 @@ def test_codec_encode_refuses_oversize_message() -> None:
     big = TokenChunk(request_id="r", seq=0, text="x" * (2 << 20))
     with pytest.raises(OversizeError):
         pack(big)
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
+def test_codec_wire_bytes_are_plain_msgpack_of_the_envelope(msg) -> None:
+    """The bytes are exactly what any msgpack library writes for {"t", "v", "b": body map}."""
+    expected = msgpack.packb({"t": msg.TYPE, "v": msg.VERSION, "b": msg.to_mapping()}, use_bin_type=True)
+    assert pack(msg) == expected
