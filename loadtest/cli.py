@@ -19,6 +19,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "transfer": ("kvrelay.loadtest.bench_transfer", "KV transfer backends between two processes vs a memcpy (--ttft: vLLM split)"),
     "steps": ("kvrelay.loadtest.bench_steps", "engine decode-step and prefill times per dtype on this CPU (which dtype to serve)"),
     "kernels": ("kvrelay.loadtest.bench_kernels", "KV block gather/scatter kernels vs a memcpy"),
+    "codec": ("kvrelay.loadtest.bench_codec", "bus message pack/unpack per message type (envelope + validation)"),
 }
 
 

@@ -24,7 +24,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +190,7 @@ def project(args: argparse.Namespace) -> dict[str, Any]:
     mean_o = sum(o for _, o in all_lengths) / len(all_lengths)
     return {
         "kind": "kvrelay-bench-project", "version": 1, "label": LABEL,
-        "cost_model": {"preset": args.preset, "gpus_per_worker": gpw, **asdict(cost),
+        "cost_model": {"preset": args.preset, "gpus_per_worker": gpw, **cost.to_mapping(),
                        "source": "workers/sim/cost.py (H100_LLAMA70B: NVIDIA NIM LLM benchmarking guide, "
                                  "Llama-3.3-70B FP8 on 2xH100 TP2; transfer figures assumed)"},
         "model": "simulated: loadtest/simcluster.py (chunked-prefill continuous batching; pull-based decode)",

@@ -11,17 +11,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, TypeVar
 
-import msgpack
+import msgspec
 
-from kvrelay.schemas.errors import (
-    DecodeError,
-    OversizeError,
-    SchemaError,
-    UnknownTypeError,
-    ValidationError,
-    VersionError,
-)
-from kvrelay.schemas.struct import Struct, typed
+from kvrelay.schemas.errors import DecodeError, OversizeError, SchemaError, UnknownTypeError, VersionError
+from kvrelay.schemas.struct import Struct, decoder, to_validation_error, typed
 
 M = TypeVar("M", bound="Message")
 
@@ -45,36 +38,46 @@ class Message(Struct):
             _REGISTRY[cls.TYPE] = cls
 
 
+_ENCODER = msgspec.msgpack.Encoder()
+
+
+class _Envelope(msgspec.Struct):
+    """The envelope read first; the body stays raw msgpack until its type and version are known."""
+
+    t: Any
+    v: Any
+    b: msgspec.Raw
+
+
+_ENVELOPE = msgspec.msgpack.Decoder(_Envelope)
+
+
 def pack(msg: Message) -> bytes:
-    data = msgpack.packb(
-        {"t": msg.TYPE, "v": msg.VERSION, "b": msg.to_mapping()}, use_bin_type=True
-    )
+    data = _ENCODER.encode({"t": msg.TYPE, "v": msg.VERSION, "b": msg})
     if len(data) > msg.MAX_BYTES:
         raise OversizeError(len(data), msg.MAX_BYTES, msg.TYPE)
     return data
 
 
-def _unpack(data: bytes, limit: int) -> dict:
+def _unpack(data: bytes, limit: int) -> _Envelope:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise DecodeError(f"expected bytes, got {type(data).__name__}")
     if len(data) > limit:
         raise OversizeError(len(data), limit)
     try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
-    except (ValueError, TypeError, RecursionError, msgpack.ExtraData, msgpack.FormatError,
-            msgpack.StackError) as exc:
+        return _ENVELOPE.decode(data)
+    except msgspec.ValidationError as exc:
+        raise DecodeError(f"not a kvrelay envelope: expected a map with keys t, v, b ({exc})") from exc
+    except msgspec.DecodeError as exc:
         raise DecodeError(f"not a msgpack message: {exc}") from exc
-    if not isinstance(obj, dict) or "t" not in obj or "v" not in obj or "b" not in obj:
-        raise DecodeError("not a kvrelay envelope: expected a map with keys t, v, b")
-    return obj
 
 
 def unpack_any(data: bytes, limit: int = DEFAULT_MAX_BYTES) -> Message:
     """Decode an envelope of any registered type."""
     env = _unpack(data, max(limit, DEFAULT_MAX_BYTES))
-    cls = _REGISTRY.get(env["t"]) if isinstance(env["t"], str) else None
+    cls = _REGISTRY.get(env.t) if isinstance(env.t, str) else None
     if cls is None:
-        raise UnknownTypeError(f"unknown message type {env['t']!r}")
+        raise UnknownTypeError(f"unknown message type {env.t!r}")
     return _body(cls, env, len(data))
 
 
@@ -86,30 +89,31 @@ def raw_body(data: bytes, limit: int | None = None) -> dict | None:
         limit = len(data) if isinstance(data, (bytes, bytearray, memoryview)) else 0
     try:
         env = _unpack(data, limit)
-    except SchemaError:
+        body = msgspec.msgpack.decode(env.b)
+    except (SchemaError, msgspec.DecodeError):
         return None
-    body = env["b"]
     return body if isinstance(body, dict) else None
 
 
 def unpack(data: bytes, expected: type[M]) -> M:
     """Decode an envelope that must hold ``expected``."""
     env = _unpack(data, expected.MAX_BYTES)
-    if env["t"] != expected.TYPE:
-        raise UnknownTypeError(f"expected a {expected.TYPE} message, got {env['t']!r}")
+    if env.t != expected.TYPE:
+        raise UnknownTypeError(f"expected a {expected.TYPE} message, got {env.t!r}")
     return _body(expected, env, len(data))
 
 
-def _body(cls: type[M], env: dict, size: int) -> M:
+def _body(cls: type[M], env: _Envelope, size: int) -> M:
     if size > cls.MAX_BYTES:
         raise OversizeError(size, cls.MAX_BYTES, cls.TYPE)
-    if type(env["v"]) is not int or env["v"] != cls.VERSION:
-        raise VersionError(cls.TYPE, env["v"], cls.VERSION)
-    if not isinstance(env["b"], dict):
-        raise ValidationError(cls.TYPE, "body must be a map")
-    return cls.from_mapping(env["b"], path=cls.TYPE)
+    if type(env.v) is not int or env.v != cls.VERSION:
+        raise VersionError(cls.TYPE, env.v, cls.VERSION)
+    try:
+        return decoder(cls).decode(env.b)
+    except msgspec.ValidationError as exc:
+        raise to_validation_error(exc, cls.TYPE) from None
 
 
 def message(cls: type[M]) -> type[M]:
-    """Class decorator: a frozen dataclass registered as a message type."""
+    """Class decorator kept for call sites: a ``Message`` subclass registers itself by its TYPE."""
     return typed(cls)  # type: ignore[return-value]

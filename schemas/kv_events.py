@@ -15,7 +15,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterable, Sequence
 from sys import byteorder
-from typing import Any, Literal
+from typing import Literal
 
 from kvrelay.schemas.codec import Message, message
 from kvrelay.schemas.errors import ValidationError
@@ -26,8 +26,6 @@ MAX_BATCH_EVENTS = 1024  # events in one batch
 MAX_SNAPSHOT_CHUNK = 65536  # hashes in one snapshot chunk (512 KiB packed)
 _BIG_ENDIAN = byteorder == "big"
 _MAX_ID = (1 << 63) - 1
-_KINDS = frozenset(("stored", "removed", "cleared"))
-_EVENT_FIELDS = frozenset(("kind", "hashes", "parent", "num_tokens", "medium"))
 
 
 def pack_hashes(hashes: Iterable[int]) -> bytes:
@@ -69,12 +67,14 @@ class KvEvent(Struct):
 
     kind: Literal["stored", "removed", "cleared"]
     hashes: bytes = b""
-    parent: int | None = limit(None, min=0, max=(1 << 64) - 1)
+    parent: int | None = limit(None, min=0)  # < 2**64: checked in validate (msgspec bounds are int64)
     num_tokens: int = limit(0, min=0, max=1 << 30)
     medium: str = limit("gpu", max_len=16)
 
     def validate(self) -> None:
         _check_packed(self.hashes, "KvEvent.hashes", MAX_EVENT_BLOCKS)
+        if self.parent is not None and self.parent >= 1 << 64:
+            raise ValidationError("KvEvent.parent", f"{self.parent} is above the maximum {(1 << 64) - 1}")
         if self.kind == "cleared":
             if self.hashes or self.parent is not None:
                 raise ValidationError("KvEvent", "a cleared event carries no hashes and no parent")
@@ -86,21 +86,6 @@ class KvEvent(Struct):
     @property
     def block_hashes(self) -> list[int]:
         return unpack_hashes(self.hashes)
-
-    @classmethod
-    def from_mapping(cls, data: Any, path: str | None = None) -> Any:
-        """Validate on receipt. Routers decode every event of every worker, so a well-formed
-        map is checked inline here; anything else takes the generic path for its exact error."""
-        if type(data) is dict and data.keys() <= _EVENT_FIELDS:
-            kind, hashes = data.get("kind"), data.get("hashes", b"")
-            parent, ntok, medium = data.get("parent"), data.get("num_tokens", 0), data.get("medium", "gpu")
-            if (kind in _KINDS and type(hashes) is bytes and type(ntok) is int and 0 <= ntok <= 1 << 30
-                    and type(medium) is str and len(medium) <= 16
-                    and (parent is None or (type(parent) is int and 0 <= parent < 1 << 64))):
-                event = cls(kind=kind, hashes=hashes, parent=parent, num_tokens=ntok, medium=medium)
-                event.validate()
-                return event
-        return super().from_mapping(data, path)
 
     @classmethod
     def stored(

@@ -1,229 +1,135 @@
-"""Typed structs: frozen dataclasses whose fields are checked against their annotations.
+"""Typed structs: ``msgspec.Struct`` classes, frozen, keyword-only, rejecting unknown keys.
 
-The same machinery validates wire messages (``schemas.messages``) and component configs
-(``from_mapping`` rejects unknown keys). Supported annotations: ``int``, ``float``, ``str``,
-``bool``, ``bytes``, ``None``, ``X | None``, ``list[X]``, ``tuple[X, ...]``, ``dict[str, X]``,
-``Literal[...]`` and nested ``Struct`` subclasses. Checks are compiled once per class.
+The same classes validate wire messages (``schemas.codec`` decodes bodies with one
+``msgspec.msgpack.Decoder`` per type) and component configs (``from_mapping`` is a strict
+``msgspec.convert``: no bool for an int, no string for a number). msgspec does the type and
+limit checks in C; this module only keeps the project's names:
 
-Field-level limits come from ``field(metadata=...)``: ``min``/``max`` for numbers, ``max_len``
-for strings, bytes and sequences.
+- ``limit(default, min=, max=, max_len=)`` on a field becomes ``Annotated[T, Meta(ge=, le=,
+  max_length=)]`` when the class is made (for ``T | None`` the limit applies to ``T``);
+- ``validate()``, the cross-field checks, runs as msgspec's ``__post_init__``: on decode, on
+  ``from_mapping`` and on construction in code;
+- msgspec's errors become ``ValidationError`` with a path rooted at the message type or the
+  config (``PrefillTask.sampling.top_p``, ``config.router.max_inflight``).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import re
+import sys
 import types
 import typing
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Literal, Union
+from collections.abc import Mapping
+from typing import Annotated, Any, Union
+
+import msgspec
 
 from kvrelay.schemas.errors import ValidationError
 
-Checker = Callable[[Any, str], Any]
+_AT = re.compile(r"^(.*) - at `(?:key` in `)?\$([^`]*)`$", re.S)
+_DECODERS: dict[type, msgspec.msgpack.Decoder] = {}
+_NO_DEFAULT = msgspec.NODEFAULT
 
 
-def _fail(path: str, problem: str) -> typing.NoReturn:
-    raise ValidationError(path, problem)
+class _Limit:
+    __slots__ = ("default", "meta")
+
+    def __init__(self, default: Any, meta: msgspec.Meta) -> None:
+        self.default, self.meta = default, meta
 
 
-def _scalar(kind: type) -> Checker:
-    def check(value: Any, path: str) -> Any:
-        # bool is an int subclass: never accept it where a number is expected, or the reverse
-        if kind is bool:
-            if type(value) is not bool:
-                _fail(path, f"expected bool, got {type(value).__name__}")
-            return value
-        if kind is float and type(value) is int:
-            return float(value)
-        if type(value) is bool or not isinstance(value, kind):
-            _fail(path, f"expected {kind.__name__}, got {type(value).__name__}")
-        return value
-
-    return check
+def limit(default: Any = _NO_DEFAULT, *, min: Any = None, max: Any = None, max_len: int | None = None) -> Any:
+    """A field default with validation limits: ``limit(0, min=0, max=10)``, ``limit(max_len=64)``."""
+    return _Limit(default, msgspec.Meta(ge=min, le=max, max_length=max_len))
 
 
-def _seq(inner: Checker, as_tuple: bool) -> Checker:
-    def check(value: Any, path: str) -> Any:
-        if not isinstance(value, (list, tuple)):
-            _fail(path, f"expected a list, got {type(value).__name__}")
-        out = [inner(v, f"{path}[{i}]") for i, v in enumerate(value)]
-        return tuple(out) if as_tuple else out
-
-    return check
+def _limited(ann: Any, meta: msgspec.Meta, module: str, ns: dict[str, Any]) -> Any:
+    tp = eval(ann, vars(sys.modules[module]), ns) if isinstance(ann, str) else ann  # noqa: S307 (own source)
+    if typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp):
+        rest = [a for a in typing.get_args(tp) if a is not type(None)]
+        return Union[tuple([Annotated[a, meta] for a in rest] + [type(None)])]  # noqa: UP007
+    return Annotated[tp, meta]
 
 
-def _fast_int_list(value: Any, path: str) -> Any:
-    # token-id lists are the bulk of most messages: check them in one pass
-    if not isinstance(value, (list, tuple)):
-        _fail(path, f"expected a list, got {type(value).__name__}")
-    for i, v in enumerate(value):
-        if type(v) is not int:
-            _fail(f"{path}[{i}]", f"expected int, got {type(v).__name__}")
-    return list(value)
+def _default(value: Any) -> Any:
+    if isinstance(value, (list, dict)) and value:
+        return msgspec.field(default_factory=lambda: type(value)(value))
+    return value
 
 
-def _mapping(inner: Checker) -> Checker:
-    def check(value: Any, path: str) -> Any:
-        if not isinstance(value, Mapping):
-            _fail(path, f"expected a map, got {type(value).__name__}")
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                _fail(path, f"keys must be strings, got {type(k).__name__}")
-            out[k] = inner(v, f"{path}.{k}")
-        return out
+class _StructMeta(type(msgspec.Struct)):  # type: ignore[misc]
+    """Turns ``limit(...)`` defaults into annotated constraints, and ``validate`` into ``__post_init__``."""
 
-    return check
-
-
-def _literal(options: tuple[Any, ...]) -> Checker:
-    def check(value: Any, path: str) -> Any:
-        if value not in options or type(value) is bool:
-            _fail(path, f"expected one of {list(options)!r}, got {value!r}")
-        return value
-
-    return check
+    def __new__(mcls, name: str, bases: tuple[type, ...], ns: dict[str, Any], **kw: Any) -> Any:
+        anns = dict(ns.get("__annotations__", {}))
+        for field, value in list(ns.items()):
+            if isinstance(value, _Limit):
+                anns[field] = _limited(anns[field], value.meta, ns["__module__"], ns)
+                if value.default is _NO_DEFAULT:
+                    del ns[field]
+                else:
+                    ns[field] = _default(value.default)
+            elif field in anns and isinstance(value, (list, dict)):
+                ns[field] = _default(value)
+        ns["__annotations__"] = anns
+        if "validate" in ns and "__post_init__" not in ns:
+            ns["__post_init__"] = ns["validate"]
+        kw.setdefault("kw_only", True)  # msgspec applies it to each class's own fields only
+        return super().__new__(mcls, name, bases, ns, **kw)
 
 
-def _optional(inner: Checker) -> Checker:
-    def check(value: Any, path: str) -> Any:
-        return None if value is None else inner(value, path)
-
-    return check
-
-
-def _nested(cls: type[Struct]) -> Checker:
-    def check(value: Any, path: str) -> Any:
-        if isinstance(value, cls):
-            return value
-        if not isinstance(value, Mapping):
-            _fail(path, f"expected a {cls.__name__} map, got {type(value).__name__}")
-        return cls.from_mapping(value, path=path)
-
-    return check
-
-
-def _compile(tp: Any) -> Checker:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return lambda v, p: v
-    if tp is type(None) or tp is None:
-        return lambda v, p: v if v is None else _fail(p, "expected nil")
-    if isinstance(tp, type) and issubclass(tp, Struct):
-        return _nested(tp)
-    if tp in (int, float, str, bool, bytes):
-        return _scalar(tp)
-    if origin in (Union, types.UnionType):
-        rest = [a for a in args if a is not type(None)]
-        if len(rest) != 1:
-            raise TypeError(f"only X | None unions are supported, got {tp!r}")
-        return _optional(_compile(rest[0]))
-    if origin is list:
-        return _fast_int_list if args == (int,) else _seq(_compile(args[0]), as_tuple=False)
-    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-        return _seq(_compile(args[0]), as_tuple=True)
-    if origin is dict and args[0] is str:
-        return _mapping(_compile(args[1]))
-    if origin is Literal:
-        return _literal(args)
-    raise TypeError(f"unsupported field annotation {tp!r}")
-
-
-def _limits(f: dataclasses.Field, inner: Checker) -> Checker:
-    lo, hi, max_len = f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("max_len")
-    if lo is None and hi is None and max_len is None:
-        return inner
-
-    def check(value: Any, path: str) -> Any:
-        value = inner(value, path)
-        if value is None:
-            return value
-        if max_len is not None and len(value) > max_len:
-            _fail(path, f"length {len(value)} is over the limit of {max_len}")
-        if lo is not None and value < lo:
-            _fail(path, f"{value!r} is below the minimum {lo!r}")
-        if hi is not None and value > hi:
-            _fail(path, f"{value!r} is above the maximum {hi!r}")
-        return value
-
-    return check
-
-
-def limit(default: Any = dataclasses.MISSING, **meta: Any) -> Any:
-    """A dataclass field with validation limits: ``limit(0, min=0, max=10)``, ``limit(max_len=64)``."""
-    if isinstance(default, (list, dict)):
-        factory = type(default)
-        return dataclasses.field(default_factory=lambda: factory(default), metadata=meta)
-    return dataclasses.field(default=default, metadata=meta)
-
-
-class Struct:
-    """Base of typed structs. Subclasses are ``@dataclasses.dataclass(frozen=True)``."""
-
-    _checkers: ClassVar[dict[str, Checker] | None] = None
-
-    @classmethod
-    def _compiled(cls) -> dict[str, Checker]:
-        checkers = cls.__dict__.get("_checkers")
-        if checkers is None:
-            hints = typing.get_type_hints(cls)
-            checkers = {f.name: _limits(f, _compile(hints[f.name])) for f in dataclasses.fields(cls)}
-            cls._checkers = checkers
-        return checkers
+class Struct(msgspec.Struct, metaclass=_StructMeta, frozen=True, forbid_unknown_fields=True):
+    """Base of typed structs and configs."""
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], path: str | None = None) -> Any:
         """Build and validate from a plain mapping; unknown keys and missing fields are errors."""
-        path = path or cls.__name__
-        if not isinstance(data, Mapping):
-            _fail(path, f"expected a map, got {type(data).__name__}")
-        checkers = cls._compiled()
-        unknown = [k for k in data if k not in checkers]
-        if unknown:
-            _fail(path, f"unknown field(s) {sorted(map(str, unknown))}; known: {sorted(checkers)}")
-        values = {}
-        for f in dataclasses.fields(cls):
-            if f.name in data:
-                values[f.name] = checkers[f.name](data[f.name], f"{path}.{f.name}")
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                _fail(f"{path}.{f.name}", "missing required field")
-        obj = cls(**values)
-        obj.validate()
-        return obj
+        try:
+            return msgspec.convert(data, cls, strict=True)
+        except msgspec.ValidationError as exc:
+            raise to_validation_error(exc, path or cls.__name__) from None
 
     def validate(self) -> None:
-        """Cross-field checks; override and raise ValidationError."""
+        """Cross-field checks; override and raise ValidationError (run as ``__post_init__``)."""
 
     def to_mapping(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            out[f.name] = _plain(getattr(self, f.name))
-        return out
+        return msgspec.to_builtins(self, builtin_types=(bytes,))
 
     def replace(self, **changes: Any) -> Any:
-        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+        return msgspec.structs.replace(self, **changes)
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, Struct):
-        return value.to_mapping()
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
+def to_validation_error(exc: msgspec.ValidationError, root: str) -> ValidationError:
+    """msgspec's "problem - at `$.a.b`" as ``ValidationError("<root>.a.b", problem)``; a cross-field
+    check's own error (raised in ``validate``) comes back as it was raised."""
+    if isinstance(exc.__cause__, ValidationError):
+        return exc.__cause__
+    m = _AT.match(str(exc))
+    if m is None:
+        return ValidationError(root, str(exc))
+    return ValidationError(root + m.group(2), m.group(1))
+
+
+def decoder(cls: type) -> msgspec.msgpack.Decoder:
+    """The msgpack decoder of one struct type (made once)."""
+    dec = _DECODERS.get(cls)
+    if dec is None:
+        dec = _DECODERS[cls] = msgspec.msgpack.Decoder(cls)
+    return dec
 
 
 def typed(cls: type) -> type:
-    """Class decorator for structs and configs: a frozen, keyword-only dataclass."""
-    return dataclasses.dataclass(frozen=True, kw_only=True)(cls)
+    """Class decorator kept for call sites: ``Struct`` subclasses are already frozen and keyword-only."""
+    return cls
 
 
 def check_fields(obj: Struct) -> None:
     """Validate an object built in code (not decoded) against its own annotations and limits."""
-    checkers = type(obj)._compiled()
     name = type(obj).__name__
-    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
-        checkers[f.name](getattr(obj, f.name), f"{name}.{f.name}")
+    for f in msgspec.structs.fields(obj):
+        value = getattr(obj, f.name)
+        try:
+            msgspec.convert(value, f.type, strict=True)
+        except msgspec.ValidationError as exc:
+            raise to_validation_error(exc, f"{name}.{f.name}") from None
     obj.validate()

@@ -115,3 +115,10 @@ def test_codec_raw_body_reads_an_invalid_envelopes_body_as_sent() -> None:
                          ids=["garbage", "list", "no_envelope", "body_not_a_map", "deep_nesting"])
 def test_codec_raw_body_is_none_for_what_is_no_envelope(data: bytes) -> None:
     assert raw_body(data) is None
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
+def test_codec_wire_bytes_are_plain_msgpack_of_the_envelope(msg) -> None:
+    """The bytes are exactly what any msgpack library writes for {"t", "v", "b": body map}."""
+    expected = msgpack.packb({"t": msg.TYPE, "v": msg.VERSION, "b": msg.to_mapping()}, use_bin_type=True)
+    assert pack(msg) == expected

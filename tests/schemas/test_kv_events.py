@@ -61,6 +61,8 @@ def _tamper(batch: KvEventBatch, **event_fields) -> bytes:
     {"kind": "cleared"},  # cleared with hashes
     {"hashes": b""},  # stored with nothing
     {"parent": -1},
+    {"parent": True},  # a bool is not an int on the wire
+    {"num_tokens": True},
     {"extra": 1},  # unknown field
     {"hashes": b"\x00" * 8 * (MAX_EVENT_BLOCKS + 1)},
 ])
@@ -72,6 +74,12 @@ def test_kv_event_batch_rejects_bad_events_on_receipt(fields: dict) -> None:
 def test_kv_event_removed_with_parent_is_invalid() -> None:
     with pytest.raises(ValidationError, match="parent"):
         unpack(_tamper(_batch(events=[KvEvent.removed([1])]), parent=3), KvEventBatch)
+
+
+def test_kv_event_parent_is_a_uint64_when_built_from_a_mapping() -> None:
+    with pytest.raises(ValidationError, match="parent"):
+        KvEvent.from_mapping({"kind": "stored", "hashes": b"\x00" * 8, "parent": 1 << 64})
+    assert KvEvent.from_mapping({"kind": "stored", "hashes": b"\x00" * 8, "parent": (1 << 64) - 1}).parent
 
 
 @pytest.mark.parametrize("field,value", [("event_id", 0), ("epoch", -1), ("worker_id", "x" * 200)])
