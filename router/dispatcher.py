@@ -181,11 +181,13 @@ class Flight:
         """Send the task to a prefill worker (or, on a local plan, a decode worker); returns the
         worker that took it. ``session_id`` ("" = none) names the client's session."""
         d = self._d
+        infos = d.directory.live("prefill")
+        if not infos:  # the more telling reason, also when the deadline has passed meanwhile
+            raise NoWorkersAvailable("no prefill worker is available", retry_after_s=1.0)
         if self.remaining() <= 0:
             raise DeadlineExceeded("the request's deadline passed before it was dispatched")
         self.prompt_tokens, self._prompt, self.session_id = len(token_ids), token_ids, session_id
         self._sub = await d.bus.subscribe(stream_subject, self._on_chunk)
-        infos = d.directory.live("prefill")
         views = d.table.views(infos)
         if not views:
             raise NoWorkersAvailable("no prefill worker is available", retry_after_s=1.0)

@@ -103,6 +103,11 @@ async def test_dispatcher_errors_for_no_workers_and_invalid_tasks(cluster: Clust
     with pytest.raises(NoWorkersAvailable):
         await flight.dispatch(list(IDS), SamplingSpec(), d.bus.subjects.tokens("r0"))
     await flight.close()
+    late = d.open("r_late", "acme", 0.001)
+    late.deadline -= 1.0  # its deadline has passed too: no worker is still the reason given
+    with pytest.raises(NoWorkersAvailable, match="no prefill worker"):
+        await late.dispatch(list(IDS), SamplingSpec(), d.bus.subjects.tokens("r_late"))
+    await late.close()
     await cluster.worker("strict", "invalid")
     await cluster.seen(router, 1)
     with pytest.raises(BadRequest, match="refused the request: prompt too long"):
