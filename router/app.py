@@ -22,6 +22,7 @@ from kvrelay.router.metrics import RouterMetrics
 from kvrelay.router.policy import Policy
 from kvrelay.router.policy_factory import kv_routing, make_policy
 from kvrelay.router.tokenizer import RouterTokenizer
+from kvrelay.router.watch import FlightWatch
 from kvrelay.transport.bus import Bus
 from kvrelay.transport.discovery import Directory
 
@@ -107,6 +108,8 @@ class Router:
             self.tasks.append(asyncio.create_task(membership.run(), name="kv-membership"))
         self.dispatcher = Dispatcher(self.bus, self.directory, self.policy, rc, self.metrics, self.id, self.hasher)
         await self.dispatcher.start()
+        watch = FlightWatch(self.dispatcher, rc.watch_interval_s, rc.stream_stall_timeout_s)
+        self.tasks.append(asyncio.create_task(watch.run(), name="flight-watch"))
         if rc.share_inflight:
             from kvrelay.router.shared_inflight import SharedInflight
 

@@ -30,6 +30,10 @@ class RouterConfig(Struct):
     request_timeout_s: float = limit(300.0, min=0.1, max=86400.0)
     first_token_timeout_s: float = limit(120.0, min=0.1, max=86400.0)
     dispatch_timeout_s: float = limit(2.0, min=0.05, max=60.0)
+    # a started stream with no chunk for this long ends with an error (router/watch.py)
+    stream_stall_timeout_s: float = limit(30.0, min=0.1, max=86400.0)
+    # how often every flight's worker is checked against discovery and the stall timeout
+    watch_interval_s: float = limit(0.5, min=0.01, max=60.0)
     # token chunks held per request while put back in order; past it the request fails
     max_buffered_chunks: int = limit(4096, min=16, max=1 << 20)
     # NATS intake (pub/sub clients): requests pulled at once from the request stream

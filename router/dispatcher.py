@@ -53,6 +53,7 @@ from kvrelay.router.metrics import RouterMetrics
 from kvrelay.router.policy import NoWorkers, Plan, Policy, RouteRequest, RouteResult, WorkerView
 from kvrelay.router.policy_factory import needs_hashes
 from kvrelay.router.reorder import ReorderBuffer
+from kvrelay.router.watch import Watched
 from kvrelay.schemas.codec import unpack
 from kvrelay.schemas.errors import SchemaError
 from kvrelay.schemas.messages import Cancel, DispatchReply, ErrorInfo, PrefillTask, SamplingSpec, TokenChunk
@@ -162,6 +163,9 @@ class Flight:
         self._maybe_taken = False  # a worker may hold the task (it took it, or did not answer)
         self._first_deadline = self.deadline
         self._last_chunk_at = 0.0
+        self.stream_worker = ""  # the worker other than ``worker`` whose chunks arrive (router/watch.py)
+        self._started: dict[str, int] = {}  # worker -> its record's started_ms when it took this request
+        self._last_heard = 0.0  # when the last chunk was received
 
     @property
     def maybe_taken(self) -> bool:
@@ -232,6 +236,7 @@ class Flight:
 
     def _taken(self, worker_id: str) -> None:
         self.worker = worker_id
+        self._started[worker_id] = self._d.directory.started_ms(worker_id)
         self._first_deadline = min(self.deadline, time.monotonic() + self._d.cfg.first_token_timeout_s)
 
     async def _local(self, plan: Plan, task: PrefillTask) -> bool:
@@ -295,6 +300,10 @@ class Flight:
             metrics.chunks_dropped.labels("foreign").inc()
             return
         result = self._buffer.push(chunk)
+        self._last_heard = time.monotonic()
+        if chunk.worker and chunk.worker != self.worker and chunk.worker != self.stream_worker:
+            self.stream_worker = chunk.worker
+            self._started[chunk.worker] = self._d.directory.started_ms(chunk.worker)
         if result == "overflow":
             self._fail(RouterError(f"more than {self._buffer.capacity} token chunks could not be put in order"))
         elif result != "ok":
@@ -305,6 +314,14 @@ class Flight:
         if self._failure is None:
             self._failure = error
         self._wake.set()
+
+    def watched(self) -> Watched:
+        return Watched(self.worker, self.local, self.stream_worker, self._last_heard > 0, self.finished,
+                       self._last_heard, self._started)
+
+    def lost(self, error: RouterError) -> None:
+        """The watch found its worker gone or its stream stalled (router/watch.py)."""
+        self._fail(error)
 
     def cancelled(self, reason: str) -> None:
         """A Cancel for this request was seen on the bus."""

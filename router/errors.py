@@ -92,6 +92,24 @@ class DeadlineExceeded(RouterError):
     bus_code = "timeout"
 
 
+class StreamStalled(DeadlineExceeded):
+    """No token of a started stream arrived within ``router.stream_stall_timeout_s``."""
+
+    code = "stream_stalled"
+
+
+class WorkerLost(RouterError):
+    """The worker serving the request is gone (it left discovery, or its heartbeats stopped)."""
+
+    status = 503
+    type = "service_unavailable_error"
+    code = "worker_lost"
+    bus_code = "worker_lost"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retry_after_s=1.0)
+
+
 class Cancelled(RouterError):
     """Someone published a Cancel for this request (a NATS client, an operator)."""
 

@@ -34,6 +34,7 @@ from kvrelay.router.errors import (
     NoWorkersAvailable,
     Overloaded,
     RouterError,
+    WorkerLost,
 )
 from kvrelay.router.metrics import RouterMetrics
 from kvrelay.router.openai_api import fit_lengths
@@ -196,9 +197,9 @@ class Intake:
         try:
             while (await flight.next_chunk()).finish_reason is None:
                 pass
-        except DeadlineExceeded as exc:
+        except (DeadlineExceeded, WorkerLost) as exc:  # no worker told the client: the router does
             outcome = exc.code
-            await flight.close("timeout")
+            await flight.close("timeout" if isinstance(exc, DeadlineExceeded) else exc.code)
             await self._send_error(req.stream_subject, req.request_id, flight.next_seq, exc)
         except RouterError as exc:  # the worker's error chunk went to the client already
             outcome = exc.code

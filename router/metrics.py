@@ -36,6 +36,9 @@ class RouterMetrics:
         self.chunks_dropped = Counter("kvrelay_router_chunks_dropped_total",
                                       "Token chunks dropped: duplicate, late, undecodable or unexpected",
                                       ["reason"], registry=r)
+        self.streams_lost = Counter("kvrelay_router_streams_lost_total",
+                                    "Requests ended by the router because their worker was gone (worker_lost) "
+                                    "or their stream stalled (stream_stalled)", ["reason"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -29,8 +29,9 @@ class BusConfig(Struct):
     connect_timeout_s: float = limit(5.0, min=0.1, max=120.0)
     request_timeout_s: float = limit(2.0, min=0.05, max=60.0)
     # liveness: workers re-put their record every heartbeat; the bucket forgets it after ttl
-    heartbeat_s: float = limit(1.0, min=0.1, max=60.0)
-    worker_ttl_s: float = limit(5.0, min=1.0, max=600.0)
+    # (the router also ends the streams of a worker it no longer sees: router/watch.py)
+    heartbeat_s: float = limit(0.5, min=0.1, max=60.0)
+    worker_ttl_s: float = limit(3.0, min=1.0, max=600.0)
     # per-subscription inbound bound (nats-py drops and reports a slow consumer past it)
     pending_msgs_limit: int = limit(65536, min=16)
     pending_bytes_limit: int = limit(256 << 20, min=1 << 16)

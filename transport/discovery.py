@@ -115,6 +115,12 @@ class Directory:
             del self._seen[key]
         return [i for i, _ in self._seen.values() if role is None or i.role in (role, "both")]
 
+    def started_ms(self, worker_id: str) -> int:
+        """When the worker's live record says it started (tells a restarted worker of the same id
+        from the one before); 0 when it is unknown."""
+        entry = self._seen.get(worker_id)
+        return entry[0].started_ms if entry else 0
+
     def get(self, worker_id: str) -> WorkerInfo | None:
         entry = self._seen.get(worker_id)
         return entry[0] if entry else None

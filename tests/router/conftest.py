@@ -29,7 +29,7 @@ from kvrelay.transport.config import BusConfig, StreamLimits
 from kvrelay.transport.discovery import Announcer
 
 Mode = Literal["ok", "reject", "invalid", "silent", "hold", "stall", "error", "first_then_stall", "first_then_error",
-               "shuffle"]
+               "shuffle", "handover_then_stall"]
 WAIT_S = 30.0  # a deadline for conditions, generous for a loaded 2-core CI machine
 
 
@@ -56,8 +56,9 @@ class FakeWorker:
     """Prefill + decode in one: ``mode`` says how it answers (see ``_on_task``)."""
 
     def __init__(self, bus: Bus, worker_id: str, mode: Mode = "ok", tokens: int = 4,
-                 role: Literal["prefill", "decode", "both"] = "prefill") -> None:
+                 role: Literal["prefill", "decode", "both"] = "prefill", decoder: str = "d0") -> None:
         self.bus, self.worker_id, self.mode, self.tokens, self.role = bus, worker_id, mode, tokens, role
+        self.decoder = decoder  # "handover_then_stall": the decode worker its second chunk claims to be from
         self.tasks: list[PrefillTask] = []
         self.cancels: list[str] = []
         self.got_task = asyncio.Event()
@@ -131,6 +132,10 @@ class FakeWorker:
         if self.mode == "error":
             err = ErrorInfo(code="engine", message="the engine fell over", status=503)
             await self._send(task, TokenChunk(request_id=task.request_id, seq=0, finish_reason="error", error=err))
+            return
+        if self.mode == "handover_then_stall":  # the first token here, one from a decode worker, then silence
+            await self._send(task, chunks[0])
+            await self._send(task, chunks[1].replace(worker=self.decoder))
             return
         if self.mode in ("first_then_stall", "first_then_error"):
             await self._send(task, chunks[0])

@@ -200,3 +200,14 @@ async def test_intake_keeps_fetching_through_idle_periods(cluster: Cluster) -> N
     assert not any(t.done() for t in router.tasks)
     await client.send(client.request())
     assert (await client.until_final())[-1].finish_reason == "length"
+
+
+async def test_intake_a_stream_whose_worker_leaves_gets_one_worker_lost_chunk(cluster: Cluster) -> None:
+    router, (worker,), client = await _setup(cluster, "stall", watch_interval_s=0.05)
+    await client.send(client.request())
+    await asyncio.wait_for(worker.got_task.wait(), 10)
+    await worker.stop()  # took the task, streamed nothing, left discovery
+    (chunk,) = await client.until_final()
+    assert chunk.finish_reason == "error" and chunk.error.code == "worker_lost" and chunk.error.status == 503
+    assert "p0" in chunk.error.message
+    assert client.chunks.empty()

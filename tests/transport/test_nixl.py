@@ -118,7 +118,7 @@ def test_nixl_read_across_processes(exporter, reader) -> None:
     assert res.nbytes == 4 * 2 * 64 * 4
     for s, d in zip([3, 4, 5, 9], [1, 2, 6, 7], strict=True):
         assert torch.equal(tgt.kv[d], want(s))
-    tgt2 = layer_major()  # a local prefix hit: only the last two blocks, checksum over all four
+    tgt2 = layer_major()  # a prefix-cache hit: only the last two blocks, checksum over all four
     reader.read(desc_for(name, [3, 4, 5, 9], 15, checksum=crc), tgt2, [0, 1], first_block=2, timeout_s=20)
     assert torch.equal(tgt2.kv[0], want(5)) and torch.equal(tgt2.kv[1], want(9))
 

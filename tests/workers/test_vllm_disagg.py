@@ -200,7 +200,7 @@ async def test_vllm_disagg_zeroed_kv_changes_output(engines, baseline) -> None:
     await _until_no_blocks_held(decode)  # also drops the zeroed blocks from the prefix cache
 
 
-async def test_vllm_disagg_local_prefix_hit_loads_only_the_rest(engines, baseline) -> None:
+async def test_vllm_disagg_prefix_cache_hit_loads_only_the_rest(engines, baseline) -> None:
     """A decode engine already holding a prompt's first blocks loads only the blocks after them."""
     prefill, decode = engines
     done, _, first, _ = await _disagg(prefill, decode, "prefix_base")

@@ -82,7 +82,7 @@ class KVReader(ABC):
     ) -> ReadResult:
         """Copy ``desc.block_ids[first_block:first_block + len(dst_block_ids)]`` into ``dst_block_ids``.
 
-        ``first_block`` > 0 skips leading blocks the reader already holds (a local prefix hit).
+        ``first_block`` > 0 skips leading blocks the reader already holds (a prefix-cache hit).
         """
 
     def close(self) -> None:  # noqa: B027  (optional hook: most readers hold nothing)

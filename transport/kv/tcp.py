@@ -11,7 +11,7 @@ The server checks the blocks' tickets before sending and again after the last by
 seqlock of ``region.py`` across the wire): a lease lost meanwhile makes the trailer say
 ``lease_expired`` and the reader discards what it received. Integrity (``desc.checksum``): a
 reader fetching the whole export checks the crc32 of what it received; for a partial fetch
-(``first_block`` > 0, a local prefix hit) the server checks the whole export before sending.
+(``first_block`` > 0, a prefix-cache hit) the server checks the whole export before sending.
 
 ``TcpReader`` runs in the decode connector's worker threads with blocking sockets: bytes go
 straight from the socket into the destination cache pages (``recvmsg_into`` over the pages,

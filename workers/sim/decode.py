@@ -74,7 +74,7 @@ class SimDecodeEngine(SimEngineBase):
         self._stepper: asyncio.Task | None = None
         self._waiting = 0
         self.kv_bytes_moved = 0
-        self.counters = dict.fromkeys(("imported", "recomputed", "local_hits", "steps", "local_prefills",
+        self.counters = dict.fromkeys(("imported", "recomputed", "prefix_hits", "steps", "local_prefills",
                                        "local_computed_tokens"), 0)
 
     async def start(self) -> None:
@@ -145,7 +145,7 @@ class SimDecodeEngine(SimEngineBase):
                 self.counters["local_prefills"] += 1
                 self.counters["local_computed_tokens"] += need
                 if cached:
-                    self.counters["local_hits"] += 1
+                    self.counters["prefix_hits"] += 1
                 if await self._sleep(self.cost.prefill_s(need, cached), abort):
                     yield TokenDelta(token_ids=[], text="", finish_reason="abort", cached_tokens=cached)
                     return
@@ -197,7 +197,7 @@ class SimDecodeEngine(SimEngineBase):
         prompt = done.prompt_token_ids
         need = len(prompt) - cached
         if cached:
-            self.counters["local_hits"] += 1
+            self.counters["prefix_hits"] += 1
         if need <= 0:
             return 0, False
         try:

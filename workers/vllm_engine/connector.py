@@ -11,7 +11,7 @@ export (prefill, ``kvrelay_export``): nothing is loaded. When the request stops 
   sets the tickets, notifies the engine and reports ``finished_sending`` so vLLM frees them.
 import (decode, ``kvrelay_import``): the prompt is the prefill's prompt plus its first token;
   ``get_num_new_matched_tokens`` claims the prefill's ``num_tokens`` (minus the block-aligned
-  local prefix hit) as loaded asynchronously, so vLLM computes only the last token. The worker
+  prefix-cache hit) as loaded asynchronously, so vLLM computes only the last token. The worker
   half loads in a thread and always reports ``finished_recving``; a failed load reports its
   blocks through ``get_block_ids_with_load_errors`` and vLLM recomputes them locally
   (``kv_load_failure_policy="recompute"``). A request is offered for loading once: after a
@@ -126,16 +126,16 @@ class KVRelayConnector(KVConnectorBase_V1):
         if p is None:
             self._notices.append(failed("import", "invalid", imp.error, nonce=_nonce_of(request)))
             return
-        if num_external_tokens == 0:  # the local prefix cache holds it all
+        if num_external_tokens == 0:  # this engine's prefix cache holds it all
             self._notices.append(Notice(kind="import", ticket=p.kv.ticket, nonce=p.nonce))
             return
         need = p.kv.num_tokens
-        local = need - num_external_tokens  # vLLM passes block-aligned local hits
-        first = local // self._bs
+        cached = need - num_external_tokens  # vLLM passes block-aligned prefix-cache hits
+        first = cached // self._bs
         ids = blocks.get_block_ids()[0]
         dst = list(ids[first : _blocks_for(need, self._bs)])
-        # a misaligned local hit would make the load overwrite local KV: fail it, vLLM recomputes
-        error = f"local prefix hit of {local} tokens is not block aligned" if local % self._bs else ""
+        # a misaligned prefix-cache hit would make the load overwrite local KV: fail it, vLLM recomputes
+        error = f"prefix-cache hit of {cached} tokens is not block aligned" if cached % self._bs else ""
         spec = LoadSpec(request.request_id, p.kv.to_mapping(), first, dst, p.nonce, p.debug_zero_kv, error)
         self._loads.append(spec)
 

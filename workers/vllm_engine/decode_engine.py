@@ -92,7 +92,7 @@ class VllmDecodeEngine(KvEventsMixin):
                 "import_blocks",
                 "import_bytes",
                 "import_ms",
-                "local_hits",
+                "prefix_hits",
                 "unreadable",
                 "decodes",
                 "aborted",
@@ -265,4 +265,4 @@ class VllmDecodeEngine(KvEventsMixin):
             log.info("kv_transfer", backend=notice.backend, blocks=notice.blocks, nbytes=notice.nbytes,
                      ms=round(notice.ms, 3), skipped=notice.skipped or None)
         else:
-            c["local_hits"] += 1
+            c["prefix_hits"] += 1
