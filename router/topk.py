@@ -35,11 +35,14 @@ class TopK:
             self.ties = [worker]
         elif cost == top[0][0]:
             self.ties.append(worker)
-        if len(top) < self.k or cost < top[-1][0]:
+        if len(top) < self.k:
             insort(top, (cost, worker))
-            del top[self.k:]
-            if len(top) >= self.k:
+            if len(top) == self.k:
                 self.limit = top[-1][0]
+        elif cost < self.limit:
+            insort(top, (cost, worker))
+            top.pop()
+            self.limit = top[-1][0]
 
     def pick(self, rng: random.Random) -> list[tuple[float, str]]:
         """The plan: a tie at the best cost is broken by ``rng`` (drawn only when there is one)."""
