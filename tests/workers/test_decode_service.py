@@ -89,7 +89,7 @@ async def test_decode_counts_kv_bytes_when_the_import_is_in_not_at_a_heartbeat(b
     pengine, dengine = FakePrefillEngine(), FakeDecodeEngine()
     prefill = Service(prefill_worker.serve, config(bus_config), pengine)
     await worker_record(bus, "p1")
-    svc = Service(decode_worker.serve, config(bus_config, heartbeat_s=2.5), dengine)
+    svc = Service(decode_worker.serve, config(bus_config, heartbeat_s=2.5, worker_ttl_s=10.0), dengine)
     await worker_record(bus, "d1")
     try:
         before = moved()
