@@ -108,6 +108,7 @@ class Router:
             self.tasks.append(asyncio.create_task(membership.run(), name="kv-membership"))
         self.dispatcher = Dispatcher(self.bus, self.directory, self.policy, rc, self.metrics, self.id, self.hasher)
         await self.dispatcher.start()
+        self.directory.listeners.append(self.dispatcher.admission.on_worker)
         watch = FlightWatch(self.dispatcher, rc.watch_interval_s, rc.stream_stall_timeout_s)
         self.tasks.append(asyncio.create_task(watch.run(), name="flight-watch"))
         if rc.share_inflight:

@@ -21,8 +21,14 @@ class RouterConfig(Struct):
     served_model_name: str = limit("", max_len=256)
     # kv_aware (the default) routes by prefix-cache overlap and load; the others ignore the cache
     policy: Literal["least_loaded", "round_robin", "kv_aware"] = "kv_aware"
-    # requests in flight through this router; past it new requests get 429
-    max_inflight: int = limit(256, min=1)
+    # requests held by this router, from arrival to the last token, those waiting for a worker
+    # included; past it new requests get 429
+    max_inflight: int = limit(1024, min=1)
+    # requests waiting for a prefill worker with room (router/admission.py), FIFO until their
+    # first-token deadline (then 504); past it 429. 0: no waiting, a request every worker refuses gets 429
+    max_waiting: int = limit(512, min=0)
+    # without a capacity signal the head of that queue retries after a back-off doubling up to this
+    admission_max_backoff_s: float = limit(1.0, min=0.01, max=60.0)
     max_prompt_tokens: int = limit(32768, min=1)
     max_body_bytes: int = limit(4 << 20, min=1024)
     default_max_tokens: int = limit(256, min=1)

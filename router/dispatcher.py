@@ -1,26 +1,22 @@
 """The dispatcher: sends a request to a prefill worker and reads its token stream back.
 
-One ``Flight`` per request, opened by ``Dispatcher.open`` (admission: ``max_inflight``):
+One ``Flight`` per request, opened by ``Dispatcher.open`` (``max_inflight``, waiting included):
 
-1. ``dispatch``: subscribe to the request's stream subject *before* sending anything, pick a
-   worker with the policy among the live prefill workers (their reported load merged with
-   this router's dispatch-time counts), send the ``PrefillTask`` by request/reply and, when
-   the worker refuses (overloaded, draining) or does not answer, try the plan's fallbacks.
-   All refuse -> ``Overloaded`` (429); no live worker -> ``NoWorkersAvailable`` (503).
-   A local-prefill plan (``kv_aware``, decode affinity: ``router/local_prefill.py``) sends the
-   task to the decode worker instead (``local.<worker>``); if it does not take it, the policy is
-   asked again without local options and the prefill path above follows.
-2. ``next_chunk``: the ``TokenChunk``s in ``seq`` order (``ReorderBuffer``), within the
-   first-token timeout and the request's deadline (``DeadlineExceeded``); an error chunk
-   raises ``UpstreamError`` with the worker's status.
-3. ``close``: unsubscribe, release the in-flight slot, and publish ``Cancel`` on
-   ``cancel.<request>`` when the stream did not finish (client gone, deadline, error) and a
-   worker took the task or may have (it did not answer in time), so the prefill and decode
-   workers both stop. A request every worker refused is not cancelled: it may be retried.
+1. ``dispatch``: subscribe to the stream subject (once) *before* sending anything, pick a live
+   prefill worker with the policy (reported load merged with this router's dispatch-time counts),
+   send the ``PrefillTask`` by request/reply and, on refusal or no answer, try the plan's
+   fallbacks. All refuse -> ``Overloaded``, which ``Admission.place`` (router/admission.py)
+   turns into a wait in its queue, woken from here (``_closed``, first token, Cancel). No live
+   worker -> ``NoWorkersAvailable`` (503). A local-prefill plan (``router/local_prefill.py``)
+   goes to the decode worker (``local.<worker>``); if it does not take it, the prefill path follows.
+2. ``next_chunk``: the ``TokenChunk``s in ``seq`` order (``ReorderBuffer``), within the first-token
+   timeout and the deadline (``DeadlineExceeded``); an error chunk raises ``UpstreamError``.
+3. ``close``: unsubscribe, release the slot, and publish ``Cancel`` on ``cancel.<request>`` when
+   the stream did not finish and a worker took the task or may have (it did not answer in time),
+   so the prefill and decode workers both stop. A request every worker refused is not cancelled.
 
-A ``Cancel`` seen on the bus for a request in flight here (a NATS client cancelling) ends its
-flight too. The flights map is bounded by ``max_inflight``: it holds exactly the requests of
-the load ledger, each admitted by ``open`` and released by ``close``.
+A ``Cancel`` seen on the bus for a request here ends its flight (or its wait) too. ``flights``
+holds exactly the ledger's requests (``max_inflight``), admitted by ``open``, released by ``close``.
 """
 
 from __future__ import annotations
@@ -37,6 +33,7 @@ from nats.aio.subscription import Subscription
 
 from kvrelay.base.logs import get_logger
 from kvrelay.base.tasks import reraise_swallowed_cancel, wait_event
+from kvrelay.router.admission import Admission
 from kvrelay.router.config import RouterConfig
 from kvrelay.router.errors import (
     BadRequest,
@@ -77,6 +74,7 @@ class Dispatcher:
         self.table = LoadLedger(cfg.max_inflight)
         policy.bind(self.table)
         self.local = LocalRouting(cfg, metrics.registry)
+        self.admission = Admission(cfg, metrics)
         self.flights: dict[str, Flight] = {}
         self._cancel_sub: Subscription | None = None
 
@@ -102,7 +100,7 @@ class Dispatcher:
         return min(sizes) if sizes else None
 
     def open(self, request_id: str, tenant: str, timeout_s: float, arrival_ms: int | None = None) -> Flight:
-        """Admit a request; raises Overloaded at ``max_inflight`` or BadRequest for an id in flight.
+        """Hold a request (until ``close``); raises Overloaded at ``max_inflight`` or BadRequest for an id here.
 
         ``arrival_ms`` (epoch ms) defaults to now; the deadline is arrival plus
         ``min(timeout_s, request_timeout_s)``.
@@ -110,8 +108,8 @@ class Dispatcher:
         try:
             self.table.admit(request_id)
         except InflightFull as exc:
-            raise Overloaded(f"the router is at its limit of {self.cfg.max_inflight} requests in flight; "
-                             f"retry later") from exc
+            raise self.admission.overloaded(f"the router is at its limit of {self.cfg.max_inflight} requests in "
+                                            f"flight; retry later", "max_inflight") from exc
         except DuplicateRequest as exc:
             raise BadRequest(str(exc), param="request_id") from exc
         now_ms = int(time.time() * 1000)
@@ -126,6 +124,7 @@ class Dispatcher:
         self.flights.pop(flight.request_id, None)
         self.table.release(flight.request_id)
         self.metrics.inflight.set(len(self.table))
+        self.admission.wake()
 
     async def _on_cancel(self, msg: Msg) -> None:
         try:
@@ -135,6 +134,7 @@ class Dispatcher:
         flight = self.flights.get(cancel.request_id)
         if flight is not None:
             flight.cancelled(cancel.reason)
+            self.admission.cancel(cancel.request_id, cancel.reason)
 
 
 class Flight:
@@ -191,7 +191,8 @@ class Flight:
         if self.remaining() <= 0:
             raise DeadlineExceeded("the request's deadline passed before it was dispatched")
         self.prompt_tokens, self._prompt, self.session_id = len(token_ids), token_ids, session_id
-        self._sub = await d.bus.subscribe(stream_subject, self._on_chunk)
+        if self._sub is None:  # dispatched again after waiting its turn
+            self._sub = await d.bus.subscribe(stream_subject, self._on_chunk)
         views = d.table.views(infos)
         if not views:
             raise NoWorkersAvailable("no prefill worker is available", retry_after_s=1.0)
@@ -357,6 +358,7 @@ class Flight:
             self.first_token_at = now
             d.metrics.ttft.observe(now - self.started)
             d.table.prefill_done(self.request_id)
+            d.admission.wake()
             d.policy.update(RouteResult(self.request_id, self.worker, "finished"))
         else:
             d.metrics.inter_token.observe(now - self._last_chunk_at)

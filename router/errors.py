@@ -5,7 +5,7 @@
     │   └── ContextTooLong      400 context_length_exceeded
     ├── ModelNotFound           404 model_not_found
     ├── PayloadTooLarge         413 request body over router.max_body_bytes
-    ├── Overloaded              429 router at max_inflight, or every prefill worker refused
+    ├── Overloaded              429 router at max_inflight or its admission queue full (router/admission.py)
     ├── NoWorkersAvailable      503 no live prefill worker
     ├── DeadlineExceeded        504 no first token / no end before the request's deadline
     ├── Cancelled               499 a Cancel for the request was seen on the bus

@@ -3,8 +3,9 @@
     POST /v1/chat/completions   POST /v1/completions   GET /v1/models   GET /health   GET /metrics
 
 Every error is OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``) with its
-status: 400 bad input, 404 unknown model, 413 body too large, 429 busy (``Retry-After``),
-503 no workers, 504 deadline. Errors after an SSE stream has started are sent as a last
+status: 400 bad input, 404 unknown model, 413 body too large, 429 router full: at
+``max_inflight`` or its admission queue full (``Retry-After``), 503 no workers, 504 deadline (a
+request no worker has room for waits in the admission queue until its first-token deadline). Errors after an SSE stream has started are sent as a last
 ``data: {"error": ...}`` event before ``data: [DONE]``. A client that disconnects cancels
 its request on the bus (the handler is cancelled, the flight publishes ``Cancel``).
 """
@@ -220,8 +221,8 @@ class HttpApi:
         max_context = self.dispatcher.max_context(self.tokenizer.max_context)
         sampling = parsed.sampling(len(ids), max_context, self.cfg.max_prompt_tokens,
                                    self.cfg.default_max_tokens)
-        await flight.dispatch(ids, sampling, self.dispatcher.bus.subjects.tokens(flight.request_id),
-                              self._session(request, parsed))
+        subject, session = self.dispatcher.bus.subjects.tokens(flight.request_id), self._session(request, parsed)
+        await self.dispatcher.admission.place(flight, lambda: flight.dispatch(ids, sampling, subject, session))
         first = await flight.next_chunk()  # errors before any output keep their HTTP status
         shaper = Shaper(parsed.api, flight.request_id, self.model_name, int(time.time()), parsed.include_usage)
         if parsed.stream:

@@ -11,7 +11,9 @@ Per message: undecodable or invalid -> an error ``TokenChunk`` (status 400) on t
 dispatch with the client's ``stream_subject`` (the workers publish tokens straight to it),
 ``ack()``, then follow the stream to track completion and enforce the deadline: past it the
 router publishes a final error chunk (code ``timeout``) to the client and a ``Cancel``.
-No worker free (every worker refused, or none is live) -> ``nak`` with
+Every worker refused -> the request waits in the router's admission queue
+(router/admission.py, shared with HTTP: one FIFO) for at most half ``intake_ack_wait_s``. No
+live worker, router at ``max_inflight``, admission queue full or that wait over -> ``nak`` with
 ``intake_retry_delay_s`` so the request waits in the stream, until its deadline; then an error
 chunk. (When a worker did not answer in time it may run the task, so the request is cancelled
 and failed with 429 instead of being retried: it never runs twice.) Other errors -> an
@@ -188,8 +190,10 @@ class Intake:
         max_tokens = fit_lengths(len(ids), req.sampling.max_tokens,
                                  self.dispatcher.max_context(self.tokenizer.max_context),
                                  self.cfg.max_prompt_tokens, self.cfg.default_max_tokens)
-        await flight.dispatch(ids, req.sampling.replace(max_tokens=max_tokens), req.stream_subject,
-                              req.session_id)
+        sampling = req.sampling.replace(max_tokens=max_tokens)
+        await self.dispatcher.admission.place(
+            flight, lambda: flight.dispatch(ids, sampling, req.stream_subject, req.session_id),
+            max_wait_s=self.cfg.intake_ack_wait_s / 2)  # acknowledged before the stream redelivers it
 
     async def _follow(self, flight: Flight, req: ClientRequest) -> None:
         """Read the stream the client gets, to its end or its deadline."""

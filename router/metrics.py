@@ -28,6 +28,16 @@ class RouterMetrics:
         self.dispatch_rejections = Counter("kvrelay_router_dispatch_rejections_total",
                                            "Prefill dispatches refused or unanswered, by reason",
                                            ["reason"], registry=r)
+        self.admission_waiting = Gauge("kvrelay_router_admission_waiting",
+                                       "Requests waiting in the admission queue for a prefill worker with room",
+                                       registry=r)
+        self.admission_wait = Histogram("kvrelay_router_admission_wait_seconds",
+                                        "Time spent in the admission queue (placed, timed out or gone)",
+                                        buckets=_LATENCY_BUCKETS, registry=r)
+        self.admission_rejections = Counter("kvrelay_router_admission_rejections_total",
+                                            "Requests turned away by admission: queue_full, max_inflight, refused "
+                                            "(no waiting), deadline, wait_bound (NATS: back to the stream)",
+                                            ["reason"], registry=r)
         self.intake_invalid = Counter("kvrelay_router_intake_invalid_total",
                                       "NATS intake messages that were not a valid ClientRequest", registry=r)
         self.intake_requeued = Counter("kvrelay_router_intake_requeued_total",

@@ -91,10 +91,14 @@ class Directory:
         self._seen: dict[str, tuple[WorkerInfo, float]] = {}
         self.ignored = 0
         self.changed = asyncio.Event()
+        # called with (old record, new record) on every update (None: absent / removed); must not block
+        self.listeners: list[Callable[[WorkerInfo | None, WorkerInfo | None], None]] = []
         self.synced = asyncio.Event()  # set once the watch delivered the bucket's initial records
 
     def apply(self, key: str, value: bytes | None) -> None:
         """One bucket update: a put (record) or a delete/purge (value None)."""
+        old = self._seen.get(key)
+        info: WorkerInfo | None = None
         if not value:
             self._seen.pop(key, None)
         else:
@@ -108,6 +112,8 @@ class Directory:
                 return
             self._seen[key] = (info, self.clock())
         self.changed.set()
+        for listener in self.listeners:
+            listener(old[0] if old else None, info)
 
     def live(self, role: str | None = None) -> list[WorkerInfo]:
         now, ttl = self.clock(), self.bus.cfg.worker_ttl_s

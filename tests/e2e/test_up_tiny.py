@@ -146,6 +146,8 @@ async def _gt(fn, value: float) -> bool:
 
 
 async def test_up_overload_gets_429_with_a_message_and_others_complete(tiny_deployment) -> None:
+    """A burst beyond the router's bound (router.max_inflight=10, waiting included) gets 429s; the
+    admitted requests all complete: busy workers make them wait in the admission queue, not fail."""
     async with httpx.AsyncClient(base_url=tiny_deployment.url, timeout=180) as client:
         async def one(i: int) -> httpx.Response:
             return await client.post("/v1/completions", json={"model": "kvrelay-tiny", "prompt": f"Count {i}",
@@ -154,9 +156,9 @@ async def test_up_overload_gets_429_with_a_message_and_others_complete(tiny_depl
         responses = await asyncio.gather(*(one(i) for i in range(24)))
     codes = [r.status_code for r in responses]
     assert set(codes) <= {200, 429}, codes
-    assert codes.count(429) >= 1 and codes.count(200) >= 1
+    assert codes.count(429) >= 1 and codes.count(200) >= 10
     rejected = next(r for r in responses if r.status_code == 429)
-    assert rejected.json()["error"]["message"]
+    assert "requests in flight" in rejected.json()["error"]["message"]
     assert "retry-after" in {k.lower() for k in rejected.headers}
 
 

@@ -56,8 +56,12 @@ class FakeWorker:
     """Prefill + decode in one: ``mode`` says how it answers (see ``_on_task``)."""
 
     def __init__(self, bus: Bus, worker_id: str, mode: Mode = "ok", tokens: int = 4,
-                 role: Literal["prefill", "decode", "both"] = "prefill", decoder: str = "d0") -> None:
+                 role: Literal["prefill", "decode", "both"] = "prefill", decoder: str = "d0",
+                 capacity: int = 0) -> None:
         self.bus, self.worker_id, self.mode, self.tokens, self.role = bus, worker_id, mode, tokens, role
+        self.capacity = capacity  # > 0: refuses ("overloaded") while this many of its streams are unfinished
+        self.live: set[str] = set()  # the requests it took whose final chunk it has not sent
+        self.accepted: list[str] = []  # request ids it took, in order
         self.decoder = decoder  # "handover_then_stall": the decode worker its second chunk claims to be from
         self.tasks: list[PrefillTask] = []
         self.cancels: list[str] = []
@@ -104,8 +108,19 @@ class FakeWorker:
             code, reason = ("overloaded", "queue full") if self.mode == "reject" else ("invalid", "prompt too long")
             await self.bus.respond(msg, DispatchReply(accepted=False, code=code, reason=reason))
             return
+        if self.capacity and len(self.live) >= self.capacity:
+            await self.bus.respond(msg, DispatchReply(accepted=False, code="overloaded", reason="at capacity"))
+            return
+        self.live.add(task.request_id)
+        self.accepted.append(task.request_id)
         await self.bus.respond(msg, DispatchReply(accepted=True, queued_tokens=len(task.prompt_token_ids)))
-        self._spawn(self._stream(task))
+        self._spawn(self._counted(task))
+
+    async def _counted(self, task: PrefillTask) -> None:
+        try:
+            await self._stream(task)
+        finally:
+            self.live.discard(task.request_id)
 
     def chunks(self, task: PrefillTask) -> list[TokenChunk]:
         n = min(self.tokens, task.sampling.max_tokens)
@@ -121,6 +136,8 @@ class FakeWorker:
         return out
 
     async def _send(self, task: PrefillTask, chunk: TokenChunk) -> None:
+        if chunk.finish_reason is not None:  # room again before the router hears the end
+            self.live.discard(task.request_id)
         await self.bus.publish(task.stream_subject, chunk)
 
     async def _stream(self, task: PrefillTask) -> None:

@@ -229,8 +229,9 @@ async def test_http_silent_worker_times_out_and_falls_back(cluster: Cluster) -> 
     assert router.metrics.dispatch_rejections.labels("timeout")._value.get() == 1
 
 
-async def test_http_all_workers_reject_is_429_with_retry_after(cluster: Cluster) -> None:
-    router, workers = await _ready(cluster, n_prefill=2, mode="reject")
+async def test_http_all_workers_reject_is_429_with_retry_after_when_nothing_may_wait(cluster: Cluster) -> None:
+    # with waiting (the default) such a request queues: tests/router/test_admission_http.py
+    router, workers = await _ready(cluster, n_prefill=2, mode="reject", max_waiting=0)
     status, body, headers = await _post(router.url, "/v1/chat/completions", CHAT)
     assert status == 429
     assert body["error"]["message"].startswith("all prefill workers are busy")

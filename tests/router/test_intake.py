@@ -211,3 +211,21 @@ async def test_intake_a_stream_whose_worker_leaves_gets_one_worker_lost_chunk(cl
     assert chunk.finish_reason == "error" and chunk.error.code == "worker_lost" and chunk.error.status == 503
     assert "p0" in chunk.error.message
     assert client.chunks.empty()
+
+
+async def test_intake_refused_request_waits_in_the_admission_queue_not_the_stream(cluster: Cluster) -> None:
+    router = await cluster.router(admission_max_backoff_s=30.0)
+    worker = await cluster.worker("p0", "hold", capacity=1)
+    await cluster.seen(router, 1)
+    await asyncio.wait_for(router.intake.ready.wait(), 10)
+    client = await Client(await cluster.bus()).start()
+    first, second = client.request(), client.request()
+    await client.send(first)
+    await cluster.wait_until(lambda: len(worker.accepted) == 1, what="the first held")
+    await client.send(second)
+    await cluster.wait_until(lambda: router.metrics.admission_waiting._value.get() == 1, what="the second waiting")
+    worker.release.set()
+    finals = [(await client.until_final())[-1] for _ in range(2)]
+    assert all(c.finish_reason == "length" for c in finals)
+    assert worker.accepted == [first.request_id, second.request_id]
+    assert router.metrics.intake_requeued._value.get() == 0

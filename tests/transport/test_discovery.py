@@ -81,3 +81,17 @@ def test_directory_ages_out_silent_workers_and_ignores_bad_records() -> None:
     d.apply("a", pack(_info("a")))  # a heartbeats, b stays silent
     now[0] += 2.0
     assert [i.worker_id for i in d.live()] == ["a"]
+
+
+def test_directory_listeners_hear_each_record_change_with_the_record_before() -> None:
+    class FakeBus:
+        cfg = BusConfig()
+
+    d = Directory(FakeBus())  # type: ignore[arg-type]
+    heard: list[tuple[str | None, str | None]] = []
+    d.listeners.append(lambda old, new: heard.append((old and old.role, new and new.role)))
+    d.apply("a", pack(_info("a")))
+    d.apply("a", pack(_info("a", "decode")))
+    d.apply("bad", b"not msgpack at all")  # not a change
+    d.apply("a", None)
+    assert heard == [(None, "prefill"), ("prefill", "decode"), ("decode", None)]
