@@ -5,8 +5,8 @@ CPU cache is layer-major underneath: ``(num_layers, num_blocks, page)`` seen thr
 transposed ``as_strided`` view). Copies go in runs of consecutive block ids on both sides, one
 ``copy_`` per run (memory-copy speed). Many short runs: on CUDA, ``kvrelay.kernels``
 gather + scatter (Triton, one launch each, all layers); on CPU ``index_select`` + ``index_copy_``
-(measured here, the kernels' torch reference gathers at ~1.7 GB/s against ~7 GB/s for a
-``copy_`` of a run, ``loadtest/results/kernels_cpu.json``, so it does not help on CPU).
+(the kernels' torch reference gathers at ~1.7 GB/s against ~7 GB/s for a ``copy_`` of a run,
+``loadtest/results/kernels_cpu.json``, so it does not help on CPU).
 """
 
 from __future__ import annotations
