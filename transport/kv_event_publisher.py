@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from nats.aio.msg import Msg
 
 from kvrelay.base.logs import get_logger
+from kvrelay.base.tasks import cancel_and_wait
 from kvrelay.schemas.codec import unpack, pack
 from kvrelay.schemas.errors import SchemaError
 from kvrelay.schemas.kv_events import KvEvent, KvEventBatch, KvSnapshotRequest, snapshot_chunks
@@ -82,11 +83,7 @@ class KvEventPublisher:
     async def close(self) -> None:
         """Publish what is buffered, then stop."""
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await cancel_and_wait([self._task])
             self._task = None
         if self._sub is not None:
             await self.bus.unsubscribe(self._sub)

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from kvrelay.base.logs import get_logger
+from kvrelay.base.tasks import cancel_and_wait
 from kvrelay.schemas.hashing import CacheConfig, HashSpec, block_hashes, tenant_salt
 from kvrelay.schemas.kv_events import MAX_EVENT_BLOCKS
 from kvrelay.transport.bus import Bus
@@ -221,11 +222,7 @@ class VllmKvEvents:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await cancel_and_wait([self._task])
             self._task = None
         self._close_sock()
         await self.publisher.close()
