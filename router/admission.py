@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from kvrelay.base.logs import get_logger
 from kvrelay.base.tasks import wait_event
 from kvrelay.router.config import RouterConfig
-from kvrelay.router.errors import Cancelled, DeadlineExceeded, Overloaded
+from kvrelay.router.errors import Cancelled, DeadlineExceeded, NoWorkersAvailable, Overloaded
 from kvrelay.router.metrics import RouterMetrics
 from kvrelay.schemas.messages import WorkerInfo
 
@@ -164,30 +164,51 @@ class Admission:
         """``attempt()`` (dispatch) now, or after waiting its turn; returns the worker that took it.
 
         ``max_wait_s`` bounds the wait (NATS intake: within the stream's ack wait); past it the
-        request gets ``Overloaded``. Raises ``Overloaded`` (queue full), ``DeadlineExceeded``
-        (first-token deadline while waiting), ``Cancelled``, and whatever ``attempt`` raises
-        other than a plain refusal."""
+        request gets ``Overloaded``. While no prefill worker is live at all (a restart), it waits
+        at most ``router.no_worker_wait_s`` for one to join, then gets ``NoWorkersAvailable``.
+        Raises ``Overloaded`` (queue full), ``DeadlineExceeded`` (first-token deadline while
+        waiting), ``Cancelled``, and whatever ``attempt`` raises other than a plain refusal."""
+        no_worker: NoWorkersAvailable | None = None
         if not self.queue:
             try:
                 return await attempt()
             except Overloaded as exc:
                 if flight.maybe_taken or self.cfg.max_waiting == 0:
                     raise self.overloaded(exc.message, "refused") from exc
+            except NoWorkersAvailable as exc:
+                if self.cfg.no_worker_wait_s <= 0 or self.cfg.max_waiting == 0:
+                    raise
+                no_worker = exc
             last_try = self.clock()
         else:
             last_try = -math.inf  # others wait: join behind them without trying
         ticket = self._join(flight.request_id, last_try)
+        return await self._queued(flight, attempt, ticket, no_worker, max_wait_s)
+
+    async def _queued(self, flight: Flight, attempt: Callable[[], Awaitable[str]], ticket: _Ticket,
+                      no_worker: NoWorkersAvailable | None, max_wait_s: float | None) -> str:
+        """Wait ``ticket``'s turns and attempt until placed; leaves the queue whatever happens."""
         placed = False
         try:
             deadline = min(flight.deadline, flight.started + self.cfg.first_token_timeout_s)
             until = math.inf if max_wait_s is None else self.clock() + max_wait_s
             while True:
-                await self._turn(ticket, deadline, until)
+                try:
+                    await self._turn(ticket, self._no_worker_deadline(ticket, no_worker, deadline), until)
+                except DeadlineExceeded:
+                    if no_worker is not None:  # no live prefill worker is the more telling reason
+                        raise no_worker from None
+                    raise
                 try:
                     worker = await attempt()
-                except Overloaded as exc:
+                except Overloaded:
                     if flight.maybe_taken:
                         raise
+                    no_worker = None
+                    ticket.refused(self.clock(), self.cfg.admission_max_backoff_s)
+                    continue
+                except NoWorkersAvailable as exc:  # none live: a restart, a scale-up under way
+                    no_worker = exc if no_worker is None else no_worker
                     ticket.refused(self.clock(), self.cfg.admission_max_backoff_s)
                     continue
                 placed = True
@@ -196,6 +217,10 @@ class Admission:
             raise self.overloaded(f"no prefill worker had room within {max_wait_s:g} s", "wait_bound") from None
         finally:
             self._leave(ticket, placed)
+
+    def _no_worker_deadline(self, t: _Ticket, no_worker: NoWorkersAvailable | None, deadline: float) -> float:
+        """While no prefill worker is live, a request waits at most ``router.no_worker_wait_s``."""
+        return deadline if no_worker is None else min(deadline, t.joined + self.cfg.no_worker_wait_s)
 
     def _join(self, key: str, last_try: float) -> _Ticket:
         try:

@@ -36,6 +36,9 @@ class RouterConfig(Struct):
     request_timeout_s: float = limit(300.0, min=0.1, max=86400.0)
     first_token_timeout_s: float = limit(120.0, min=0.1, max=86400.0)
     dispatch_timeout_s: float = limit(2.0, min=0.05, max=60.0)
+    # while no prefill worker is live (a restart, a scale-up), a request waits this long in the admission
+    # queue for one to join before it gets 503; 0 = 503 at once
+    no_worker_wait_s: float = limit(10.0, min=0.0, max=3600.0)
     # a started stream with no chunk for this long ends with an error (router/watch.py)
     stream_stall_timeout_s: float = limit(30.0, min=0.1, max=86400.0)
     # how often every flight's worker is checked against discovery and the stall timeout

@@ -50,6 +50,12 @@ class Watched:
     started_ms: Mapping[str, int] = field(default_factory=dict)  # worker -> started_ms it served under
 
 
+GONE_GRACE_S = 1.0
+"""A stream heard from this recently is not yet lost when its worker's record goes: a worker that
+drains deletes its record right after its last chunk, and the router may read the two in either
+order (they arrive on different subscriptions)."""
+
+
 def verdict(w: Watched, live: Mapping[str, int], stall_s: float, now: float) -> RouterError | None:
     """The error that ends this flight now, or None while it is fine. ``live``: every live worker's
     ``started_ms``; a worker whose record now has another start time was restarted: gone too."""
@@ -60,6 +66,8 @@ def verdict(w: Watched, live: Mapping[str, int], stall_s: float, now: float) -> 
     else:
         watched = w.stream_worker  # "" while the handover waits for a decode worker
     if not watched:
+        return None
+    if w.last_heard and now - w.last_heard <= GONE_GRACE_S:
         return None
     if watched not in live:
         return WorkerLost(f"worker {watched} serving this request is gone (it left discovery or its "

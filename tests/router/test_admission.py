@@ -229,3 +229,29 @@ async def test_admission_errors_other_than_refusal_end_the_wait() -> None:
     with pytest.raises(NoWorkersAvailable):
         await tb
     assert len(adm) == 0
+
+
+async def test_admission_waits_a_bounded_time_for_a_prefill_worker_to_join() -> None:
+    adm, _ = _admission(admission_max_backoff_s=0.05)
+    live: list[str] = []
+
+    async def dispatch() -> str:
+        if not live:
+            raise NoWorkersAvailable("no prefill worker is available")
+        return live[0]
+
+    waiting = asyncio.create_task(adm.place(Flight("r1"), dispatch))
+    await _until(lambda: len(adm) == 1)  # a restart under way: it waits instead of a 503
+    live.append("p0")  # the restarted worker joined
+    adm.on_worker(None, _info(worker_id="p0"))
+    assert await asyncio.wait_for(waiting, 5) == "p0"
+
+    adm, _ = _admission(no_worker_wait_s=0.1, admission_max_backoff_s=0.02)
+    live.clear()
+    with pytest.raises(NoWorkersAvailable, match="no prefill worker"):  # none joined in time: 503
+        await asyncio.wait_for(adm.place(Flight("r2"), dispatch), 5)
+    assert len(adm) == 0
+
+    adm, _ = _admission(no_worker_wait_s=0.0)
+    with pytest.raises(NoWorkersAvailable):  # 0: at once, as before
+        await adm.place(Flight("r3"), dispatch)

@@ -31,8 +31,9 @@ def _w(**kw) -> Watched:
     (_w(), {"d0": 1}, 100.0, WorkerLost),  # its prefill worker left before the first token
     (_w(first_token=True, last_heard=1.0), {"d0": 1}, 100.0, None),  # handed over: waiting for a decode slot
     (_w(first_token=True, stream_worker="d0", last_heard=99.0), LIVE, 100.0, None),  # decoding
-    (_w(first_token=True, stream_worker="d0", last_heard=99.0), {"p0": 1}, 100.0, WorkerLost),  # decode gone
-    (_w(first_token=True, stream_worker="d0", last_heard=99.0, started_ms={"d0": 1}), {"d0": 2}, 100.0,
+    (_w(first_token=True, stream_worker="d0", last_heard=98.0), {"p0": 1}, 100.0, WorkerLost),  # decode gone
+    (_w(first_token=True, stream_worker="d0", last_heard=99.5), {"p0": 1}, 100.0, None),  # heard 0.5 s ago
+    (_w(first_token=True, stream_worker="d0", last_heard=98.0, started_ms={"d0": 1}), {"d0": 2}, 100.0,
      WorkerLost),  # restarted under the same id
     (_w(first_token=True, stream_worker="d0", last_heard=60.0), LIVE, 100.0, StreamStalled),  # silent
     (_w(worker="d0", local=True), {"p0": 1}, 100.0, WorkerLost),  # local prefill: its decode worker gone
@@ -45,7 +46,7 @@ def test_watch_verdict(state: Watched, live: dict, now: float, expected: type | 
 
 
 def test_watch_verdict_names_the_worker_and_the_stall() -> None:
-    lost = verdict(_w(first_token=True, stream_worker="d7", last_heard=1.0), LIVE, 30.0, 2.0)
+    lost = verdict(_w(first_token=True, stream_worker="d7", last_heard=1.0), LIVE, 30.0, 3.0)
     assert lost.code == "worker_lost" and lost.status == 503 and "d7" in lost.message
     stalled = verdict(_w(first_token=True, stream_worker="d0", last_heard=1.0), LIVE, 30.0, 41.0)
     assert stalled.code == "stream_stalled" and stalled.status == 504 and "40.0 s" in stalled.message
