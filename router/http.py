@@ -254,7 +254,7 @@ class HttpApi:
             while True:
                 produced += len(chunk.token_ids)
                 if chunk.text:
-                    await resp.write(sse(shaper.delta(chunk.text)))
+                    await resp.write(shaper.delta_sse(chunk.text))
                 if chunk.finish_reason is not None:
                     break
                 chunk = await flight.next_chunk()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
@@ -67,3 +68,15 @@ def test_format_sse_framing_and_error_bodies() -> None:
                                                     "param": None, "code": "overloaded"}}
     up = UpstreamError(ErrorInfo(code="engine", message="boom", status=503))
     assert (up.status, up.body()["error"]["code"], up.retry_after_s) == (503, "engine", 1.0)
+
+
+@pytest.mark.parametrize("api", ["chat", "completions"])
+@pytest.mark.parametrize("include_usage", [False, True])
+@pytest.mark.parametrize("text", ["Hello", " world", "", 'quo"te \\ back', "line\nbreak\ttab", "naïve 東京 🙂",
+                                  "\x00\x1f control", "</script>", "KVRELAY-TEXT"])
+def test_format_delta_sse_is_the_same_event_as_the_dict_path(api: str, include_usage: bool, text: str) -> None:
+    shaper = Shaper(api, "rid", "kvrelay-tiny", 1700000000, include_usage)
+    fast, slow = shaper.delta_sse(text), sse(shaper.delta(text))
+    assert fast.startswith(b"data: ") and fast.endswith(b"\n\n")
+    assert json.loads(fast[6:]) == json.loads(slow[6:]) == shaper.delta(text)
+    assert shaper.delta_sse(text) == fast  # the frame is built once and reused
