@@ -317,8 +317,7 @@ class Flight:
         self._wake.set()
 
     def watched(self) -> Watched:
-        return Watched(self.worker, self.local, self.stream_worker, self._last_heard > 0, self.finished,
-                       self._last_heard, self._started)
+        return Watched(self.worker, self.local, self.stream_worker, self.finished, self._last_heard, self._started)
 
     def lost(self, error: RouterError) -> None:
         """The watch found its worker gone or its stream stalled (router/watch.py)."""

@@ -44,9 +44,8 @@ class Watched:
     worker: str  # the worker that took the task ("" = not dispatched yet)
     local: bool  # a local prefill: ``worker`` is a decode worker and streams the whole request
     stream_worker: str  # the worker other than ``worker`` whose chunks arrive ("" = none yet)
-    first_token: bool
     finished: bool
-    last_heard: float  # monotonic time of the last chunk received (0 = none)
+    last_heard: float  # monotonic time of the last chunk received (0 = none: no token yet)
     started_ms: Mapping[str, int] = field(default_factory=dict)  # worker -> started_ms it served under
 
 
@@ -61,7 +60,7 @@ def verdict(w: Watched, live: Mapping[str, int], stall_s: float, now: float) -> 
     ``started_ms``; a worker whose record now has another start time was restarted: gone too."""
     if w.finished or not w.worker:
         return None
-    if w.local or not w.first_token:
+    if w.local or not w.last_heard:
         watched = w.stream_worker or w.worker
     else:
         watched = w.stream_worker  # "" while the handover waits for a decode worker
@@ -74,7 +73,7 @@ def verdict(w: Watched, live: Mapping[str, int], stall_s: float, now: float) -> 
                           f"heartbeats stopped)")
     if w.started_ms.get(watched) and live[watched] != w.started_ms[watched]:
         return WorkerLost(f"worker {watched} serving this request restarted")
-    if w.first_token and w.last_heard and now - w.last_heard > stall_s:
+    if w.last_heard and now - w.last_heard > stall_s:
         return StreamStalled(f"no token from worker {watched} for {now - w.last_heard:.1f} s "
                              f"(stall timeout {stall_s:g} s)")
     return None

@@ -21,7 +21,7 @@ LIVE = {"p0": 1, "d0": 1}  # worker -> the started_ms of its live record
 
 
 def _w(**kw) -> Watched:
-    base = dict(worker="p0", local=False, stream_worker="", first_token=False, finished=False, last_heard=0.0)
+    base = dict(worker="p0", local=False, stream_worker="", finished=False, last_heard=0.0)
     return Watched(**{**base, **kw})
 
 
@@ -29,16 +29,16 @@ def _w(**kw) -> Watched:
     (_w(worker=""), {}, 100.0, None),  # not dispatched yet
     (_w(), LIVE, 100.0, None),  # prefilling on a live worker
     (_w(), {"d0": 1}, 100.0, WorkerLost),  # its prefill worker left before the first token
-    (_w(first_token=True, last_heard=1.0), {"d0": 1}, 100.0, None),  # handed over: waiting for a decode slot
-    (_w(first_token=True, stream_worker="d0", last_heard=99.0), LIVE, 100.0, None),  # decoding
-    (_w(first_token=True, stream_worker="d0", last_heard=98.0), {"p0": 1}, 100.0, WorkerLost),  # decode gone
-    (_w(first_token=True, stream_worker="d0", last_heard=99.5), {"p0": 1}, 100.0, None),  # heard 0.5 s ago
-    (_w(first_token=True, stream_worker="d0", last_heard=98.0, started_ms={"d0": 1}), {"d0": 2}, 100.0,
+    (_w(last_heard=1.0), {"d0": 1}, 100.0, None),  # handed over: waiting for a decode slot
+    (_w(stream_worker="d0", last_heard=99.0), LIVE, 100.0, None),  # decoding
+    (_w(stream_worker="d0", last_heard=98.0), {"p0": 1}, 100.0, WorkerLost),  # decode gone
+    (_w(stream_worker="d0", last_heard=99.5), {"p0": 1}, 100.0, None),  # heard 0.5 s ago
+    (_w(stream_worker="d0", last_heard=98.0, started_ms={"d0": 1}), {"d0": 2}, 100.0,
      WorkerLost),  # restarted under the same id
-    (_w(first_token=True, stream_worker="d0", last_heard=60.0), LIVE, 100.0, StreamStalled),  # silent
+    (_w(stream_worker="d0", last_heard=60.0), LIVE, 100.0, StreamStalled),  # silent
     (_w(worker="d0", local=True), {"p0": 1}, 100.0, WorkerLost),  # local prefill: its decode worker gone
-    (_w(worker="d0", local=True, first_token=True, last_heard=50.0), LIVE, 100.0, StreamStalled),
-    (_w(first_token=True, stream_worker="d0", finished=True, last_heard=1.0), {}, 100.0, None),  # done
+    (_w(worker="d0", local=True, last_heard=50.0), LIVE, 100.0, StreamStalled),
+    (_w(stream_worker="d0", finished=True, last_heard=1.0), {}, 100.0, None),  # done
 ])
 def test_watch_verdict(state: Watched, live: dict, now: float, expected: type | None) -> None:
     error = verdict(state, live, stall_s=30.0, now=now)
@@ -46,9 +46,9 @@ def test_watch_verdict(state: Watched, live: dict, now: float, expected: type | 
 
 
 def test_watch_verdict_names_the_worker_and_the_stall() -> None:
-    lost = verdict(_w(first_token=True, stream_worker="d7", last_heard=1.0), LIVE, 30.0, 3.0)
+    lost = verdict(_w(stream_worker="d7", last_heard=1.0), LIVE, 30.0, 3.0)
     assert lost.code == "worker_lost" and lost.status == 503 and "d7" in lost.message
-    stalled = verdict(_w(first_token=True, stream_worker="d0", last_heard=1.0), LIVE, 30.0, 41.0)
+    stalled = verdict(_w(stream_worker="d0", last_heard=1.0), LIVE, 30.0, 41.0)
     assert stalled.code == "stream_stalled" and stalled.status == 504 and "40.0 s" in stalled.message
 
 
@@ -119,7 +119,7 @@ async def test_watch_prefill_worker_gone_before_the_first_token_is_worker_lost(c
 
 
 def test_watch_a_late_pass_judges_nothing() -> None:
-    stalled = _w(first_token=True, stream_worker="d0", last_heard=1.0)
+    stalled = _w(stream_worker="d0", last_heard=1.0)
     lost: list = []
     flight = SimpleNamespace(request_id="r", watched=lambda: stalled, lost=lost.append)
     counter = SimpleNamespace(inc=lambda: None)
