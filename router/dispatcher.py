@@ -186,16 +186,14 @@ class Flight:
         worker that took it. ``session_id`` ("" = none) names the client's session."""
         d = self._d
         infos = d.directory.live("prefill")
-        if not infos:  # the more telling reason, also when the deadline has passed meanwhile
+        views = d.table.views(infos)
+        if not views:  # the more telling reason, also when the deadline has passed meanwhile
             raise NoWorkersAvailable("no prefill worker is available", retry_after_s=1.0)
         if self.remaining() <= 0:
             raise DeadlineExceeded("the request's deadline passed before it was dispatched")
         self.prompt_tokens, self._prompt, self.session_id = len(token_ids), token_ids, session_id
         if self._sub is None:  # dispatched again after waiting its turn
             self._sub = await d.bus.subscribe(stream_subject, self._on_chunk)
-        views = d.table.views(infos)
-        if not views:
-            raise NoWorkersAvailable("no prefill worker is available", retry_after_s=1.0)
         hashes = d.hasher(token_ids, self.tenant) if d.hasher and needs_hashes(d.policy) else None
         self._hashes = hashes
         request = d.local.route_request(self.request_id, self.tenant, len(token_ids), hashes, session_id,
