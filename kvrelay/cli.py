@@ -98,10 +98,18 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def with_model_folders(cfg: Config) -> Config:
     """Model names (``smollm2``, ``tiny``) in ``router.model`` and ``engine.model`` resolved to their
-    prepared folders, and the router's served name filled in: the components take folders only."""
-    from kvrelay.models import resolve, served_name
+    prepared folders, the router's served name and its "auto" chat settings (tool parser, chat
+    template) filled in: the components take folders only."""
+    from kvrelay.models import chat_defaults, resolve, served_name
 
     router, engine = cfg.router, cfg.engine
+    parser, template = chat_defaults(router.model)
+    chat = router.chat
+    if chat.tool_call_parser == "auto":
+        chat = chat.replace(tool_call_parser=parser)
+    if chat.chat_template == "auto":
+        chat = chat.replace(chat_template=template)
+    router = router.replace(chat=chat)
     if router.model:
         router = router.replace(model=str(resolve(router.model)))
         router = router.replace(served_model_name=router.served_model_name or served_name(router.model))

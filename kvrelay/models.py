@@ -78,6 +78,9 @@ class Recipe:
     folder: str
     served_name: str
     build: Callable[[Path], dict[str, Any]]
+    # what `router.chat` "auto" means for this model: vLLM's tool parser and the chat template
+    tool_call_parser: str = ""
+    chat_template: str = ""
 
 
 # ---------------------------------------------------------------- public API
@@ -164,6 +167,12 @@ def served_name(path: str | os.PathLike[str]) -> str:
 
 
 # ---------------------------------------------------------------- build machinery
+
+
+def chat_defaults(name_or_path: str) -> tuple[str, str]:
+    """(tool parser, chat template) for a model named by recipe; ("", "") for a folder."""
+    recipe = RECIPES.get(str(name_or_path).lower())
+    return (recipe.tool_call_parser, recipe.chat_template) if recipe else ("", "")
 
 
 def _recipe(name: str) -> Recipe:
@@ -387,6 +396,8 @@ def _build_tiny(out: Path) -> dict[str, Any]:
 
 
 RECIPES: dict[str, Recipe] = {
-    "smollm2": Recipe("smollm2", "smollm2-135m-instruct", "SmolLM2-135M-Instruct", _build_smollm2),
-    "tiny": Recipe("tiny", "kvrelay-tiny", "kvrelay-tiny", _build_tiny),
+    "smollm2": Recipe("smollm2", "smollm2-135m-instruct", "SmolLM2-135M-Instruct", _build_smollm2,
+                      tool_call_parser="hermes", chat_template="chatml-tools"),
+    "tiny": Recipe("tiny", "kvrelay-tiny", "kvrelay-tiny", _build_tiny,
+                   tool_call_parser="hermes", chat_template="chatml-tools"),
 }

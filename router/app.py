@@ -16,6 +16,8 @@ from kvrelay.base.logs import get_logger
 from kvrelay.base.tasks import cancel_and_wait
 from kvrelay.router.config import RouterProcessConfig
 from kvrelay.router.dispatcher import Dispatcher, Hasher
+from kvrelay.router.chat_parsing import ChatFeatures
+from kvrelay.router.chat_templates import ChatTemplateError
 from kvrelay.router.http import HttpApi
 from kvrelay.router.intake import Intake
 from kvrelay.router.metrics import RouterMetrics
@@ -117,10 +119,17 @@ class Router:
             self.shared_inflight = SharedInflight(self.bus, self.dispatcher.table, self.id,
                                                   rc.request_timeout_s)
             await self.shared_inflight.start()
+        try:
+            self.chat = ChatFeatures(rc.chat, self.tokenizer.hf)
+        except ChatTemplateError as exc:
+            raise RouterStartError(str(exc)) from exc
+        self.chat.preload()
         if rc.intake_enabled:
-            self.intake = Intake(self.bus, self.dispatcher, self.tokenizer, rc, self.metrics, self.model_name)
+            self.intake = Intake(self.bus, self.dispatcher, self.tokenizer, rc, self.metrics, self.model_name,
+                                 self.chat)
             self.tasks.append(asyncio.create_task(self.intake.run(), name="intake"))
-        self.http = HttpApi(rc, self.dispatcher, self.tokenizer, self.directory, self.metrics, self.model_name)
+        self.http = HttpApi(rc, self.dispatcher, self.tokenizer, self.directory, self.metrics, self.model_name,
+                            self.chat)
         self.url = await self.http.start()
 
     async def stop(self) -> None:

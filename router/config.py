@@ -10,6 +10,28 @@ from kvrelay.transport.config import BusConfig
 
 
 @typed
+class ChatConfig(Struct):
+    """Tools, reasoning and structured outputs on chat requests (router/chat_parsing.py): vLLM's own
+    parsers, named as vLLM's server names them."""
+
+    # vLLM's --tool-call-parser name (hermes, llama3_json, openai, ...); with one, tool_choice "auto"
+    # works; "" = none. "auto": the parser of the model `kvrelay` prepared (hermes for smollm2/tiny),
+    # resolved by the kvrelay command; a router given a folder reads "auto" as none
+    tool_call_parser: str = limit("auto", max_len=64)
+    reasoning_parser: str = limit("", max_len=64)  # vLLM's --reasoning-parser name; "" = none
+    # "" = the model's own template; a built-in name (router/chat_templates.py); or a .jinja file.
+    # "auto": as for tool_call_parser (chatml-tools for smollm2/tiny)
+    chat_template: str = limit("auto", max_len=4096)
+    # vLLM's --tool-strict-level: "parameter" pins every tool's arguments to its JSON schema with
+    # structured outputs (a call always validates); "function" constrains the call's envelope only;
+    # "auto" constrains required / named choices and tools marked strict
+    tool_strict_level: Literal["auto", "function", "parameter"] = "parameter"
+    # response_format JSON without free whitespace (xgrammar's disable_any_whitespace): a small model
+    # at a high temperature cannot then spend its tokens on blanks
+    compact_json: bool = False
+
+
+@typed
 class RouterConfig(Struct):
     router_id: str = limit("", max_len=64)  # "" = generated from host and pid
     # publish dispatch-time load to other router replicas and count theirs (router/shared_inflight.py)
@@ -72,6 +94,7 @@ class RouterConfig(Struct):
     kv_index_max_workers: int = limit(1024, min=1, max=65536)
     # a stale worker's snapshot must arrive within this, or it is asked again
     kv_snapshot_timeout_s: float = limit(5.0, min=0.1, max=600.0)
+    chat: ChatConfig = ChatConfig()
 
 
 @typed

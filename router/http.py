@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from kvrelay.base.logs import bound, get_logger
+from kvrelay.router.chat_parsing import ChatFeatures, ChatPlan
 from kvrelay.router.config import RouterConfig
 from kvrelay.router.dispatcher import Dispatcher, Flight
 from kvrelay.router.errors import BadRequest, ModelNotFound, PayloadTooLarge, RouterError
@@ -72,8 +73,8 @@ class HttpApi:
     """The HTTP front of one router. ``start()`` returns the bound URL; ``stop()``."""
 
     def __init__(self, cfg: RouterConfig, dispatcher: Dispatcher, tokenizer: RouterTokenizer,
-                 directory: Directory, metrics: RouterMetrics, model_name: str) -> None:
-        self.cfg, self.dispatcher, self.tokenizer = cfg, dispatcher, tokenizer
+                 directory: Directory, metrics: RouterMetrics, model_name: str, chat: ChatFeatures) -> None:
+        self.cfg, self.dispatcher, self.tokenizer, self.chat = cfg, dispatcher, tokenizer, chat
         self.directory, self.metrics, self.model_name = directory, metrics, model_name
         self.created = int(time.time())
         self._runner: web.AppRunner | None = None
@@ -136,14 +137,15 @@ class HttpApi:
         try:
             with bound(request_id=rid):
                 try:
-                    parsed = parse(api, await self._body(request))
+                    body = await self._body(request)
+                    parsed = parse(api, body)
                     if parsed.model != self.model_name:
                         raise ModelNotFound(f"the model {parsed.model!r} does not exist; this server serves "
                                             f"{self.model_name!r}", param="model")
                     flight = self.dispatcher.open(rid, self._tenant(request), self._timeout(request))
                     reason = "client disconnected"
                     try:
-                        response, outcome = await self._run(request, parsed, flight)
+                        response, outcome = await self._run(request, parsed, flight, body)
                         return response
                     except RouterError as exc:
                         reason = exc.code
@@ -204,9 +206,20 @@ class HttpApi:
                              param=SESSION_HEADER)
         return sid or parsed.session_id
 
-    async def _tokens(self, parsed: ParsedRequest) -> list[int]:
+    async def _plan(self, api: Api, body: object) -> ChatPlan | None:
+        """Tools, reasoning, response_format: validated and planned by vLLM's request model and parser."""
+        assert isinstance(body, dict)  # parse() checked it
+        if api != "chat":
+            if body.get("response_format") is not None or body.get("tools"):
+                raise BadRequest("response_format and tools are supported on /v1/chat/completions",
+                                 param="response_format" if body.get("response_format") is not None else "tools")
+            return None
+        return await self.chat.plan(body) if self.chat.wanted(body) else None
+
+    async def _tokens(self, parsed: ParsedRequest, plan: ChatPlan | None) -> list[int]:
         if parsed.messages is not None:
-            return await self.tokenizer.encode_chat(parsed.messages)
+            return await self.tokenizer.encode_chat(self.chat.history(parsed.messages), plan.tools if plan else None,
+                                                    self.chat.template)
         if parsed.prompt is not None:
             return await self.tokenizer.encode_prompt(parsed.prompt)
         ids = parsed.prompt_token_ids or []
@@ -215,34 +228,41 @@ class HttpApi:
                              f"{self.tokenizer.vocab_size}", param="prompt")
         return ids
 
-    async def _run(self, request: web.Request, parsed: ParsedRequest, flight: Flight
+    async def _run(self, request: web.Request, parsed: ParsedRequest, flight: Flight, body: object
                    ) -> tuple[web.StreamResponse, str]:
-        ids = await self._tokens(parsed)
+        plan = await self._plan(parsed.api, body)
+        ids = await self._tokens(parsed, plan)
         max_context = self.dispatcher.max_context(self.tokenizer.max_context)
         sampling = parsed.sampling(len(ids), max_context, self.cfg.max_prompt_tokens,
                                    self.cfg.default_max_tokens)
+        if plan is not None:
+            plan.prompt_token_ids = ids
+            sampling = sampling.replace(structured=plan.structured, skip_special_tokens=plan.skip_special_tokens)
         subject, session = self.dispatcher.bus.subjects.tokens(flight.request_id), self._session(request, parsed)
         await self.dispatcher.admission.place(flight, lambda: flight.dispatch(ids, sampling, subject, session))
         first = await flight.next_chunk()  # errors before any output keep their HTTP status
         shaper = Shaper(parsed.api, flight.request_id, self.model_name, int(time.time()), parsed.include_usage)
         if parsed.stream:
-            return await self._stream(request, flight, first, shaper, len(ids))
-        return await self._collect(flight, first, shaper, len(ids)), "ok"
+            return await self._stream(request, flight, first, shaper, len(ids), plan)
+        return await self._collect(flight, first, shaper, len(ids), plan), "ok"
 
-    async def _collect(self, flight: Flight, chunk: TokenChunk, shaper: Shaper, prompt_tokens: int
-                       ) -> web.Response:
-        texts, produced = [], 0
+    async def _collect(self, flight: Flight, chunk: TokenChunk, shaper: Shaper, prompt_tokens: int,
+                       plan: ChatPlan | None) -> web.Response:
+        texts, token_ids = [], []
         while True:
             texts.append(chunk.text)
-            produced += len(chunk.token_ids)
+            token_ids += chunk.token_ids
             if chunk.finish_reason is not None:
                 break
             chunk = await flight.next_chunk()
-        body = shaper.full("".join(texts), chunk.finish_reason, _usage(chunk, prompt_tokens, produced))
+        text, reason, message = "".join(texts), chunk.finish_reason, None
+        if plan is not None:
+            message, reason = plan.full(text, token_ids, reason)
+        body = shaper.full(text, reason, _usage(chunk, prompt_tokens, len(token_ids)), message)
         return web.json_response(body)
 
     async def _stream(self, request: web.Request, flight: Flight, chunk: TokenChunk, shaper: Shaper,
-                      prompt_tokens: int) -> tuple[web.StreamResponse, str]:
+                      prompt_tokens: int, plan: ChatPlan | None) -> tuple[web.StreamResponse, str]:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Request-Id": flight.request_id})
         await resp.prepare(request)
@@ -253,7 +273,11 @@ class HttpApi:
         try:
             while True:
                 produced += len(chunk.token_ids)
-                if chunk.text:
+                if plan is not None:
+                    fields = plan.delta(chunk.text, chunk.token_ids, chunk.finish_reason is not None)
+                    if fields:
+                        await resp.write(sse(shaper.delta_fields(fields)))
+                elif chunk.text:
                     await resp.write(shaper.delta_sse(chunk.text))
                 if chunk.finish_reason is not None:
                     break
@@ -262,7 +286,8 @@ class HttpApi:
             await resp.write(sse(exc.body()))
             await resp.write(SSE_DONE)
             return resp, exc.code
-        await resp.write(sse(shaper.finish(chunk.finish_reason)))
+        reason = chunk.finish_reason if plan is None else plan.finish_reason(chunk.finish_reason, plan.tools_streamed)
+        await resp.write(sse(shaper.finish(reason)))
         if shaper.include_usage:
             await resp.write(sse(shaper.usage_chunk(_usage(chunk, prompt_tokens, produced))))
         await resp.write(SSE_DONE)

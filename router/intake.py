@@ -26,7 +26,10 @@ import asyncio
 import contextlib
 import time
 
+import msgspec
+
 from kvrelay.base.logs import bound, get_logger
+from kvrelay.router.chat_parsing import ChatFeatures, ChatPlan
 from kvrelay.router.config import RouterConfig
 from kvrelay.router.dispatcher import Dispatcher, Flight
 from kvrelay.router.errors import (
@@ -43,7 +46,7 @@ from kvrelay.router.openai_api import fit_lengths
 from kvrelay.router.tokenizer import RouterTokenizer
 from kvrelay.schemas.codec import raw_body, unpack
 from kvrelay.schemas.errors import SchemaError
-from kvrelay.schemas.messages import MAX_ID_LEN, ClientRequest, TokenChunk
+from kvrelay.schemas.messages import MAX_ID_LEN, ChatMessage, ClientRequest, TokenChunk, ToolCallDelta
 from kvrelay.transport.bus import Bus
 from kvrelay.transport.errors import BusUnavailable, TransportError
 from kvrelay.transport.jetstream import ConsumerSpec, Delivery, PullConsumer
@@ -59,8 +62,8 @@ class Intake:
     """Consumes the request stream until cancelled; owns (cancels and awaits) its request tasks."""
 
     def __init__(self, bus: Bus, dispatcher: Dispatcher, tokenizer: RouterTokenizer, cfg: RouterConfig,
-                 metrics: RouterMetrics, model_name: str) -> None:
-        self.bus, self.dispatcher, self.tokenizer = bus, dispatcher, tokenizer
+                 metrics: RouterMetrics, model_name: str, chat: ChatFeatures) -> None:
+        self.bus, self.dispatcher, self.tokenizer, self.chat = bus, dispatcher, tokenizer, chat
         self.cfg, self.metrics, self.model_name = cfg, metrics, model_name
         self._tasks: set[asyncio.Task] = set()
         self.ready = asyncio.Event()  # set once the stream and consumer exist
@@ -156,7 +159,7 @@ class Intake:
             return
         try:
             try:
-                await self._dispatch(flight, req)
+                plan = await self._dispatch(flight, req)
             except (Overloaded, NoWorkersAvailable) as exc:
                 if flight.maybe_taken:  # a worker that did not answer may run it: never run it twice
                     await flight.close(exc.code)
@@ -171,16 +174,21 @@ class Intake:
                 return
             await msg.ack()
             try:
-                await self._follow(flight, req)
+                await (self._follow(flight, req) if plan is None else self._relay(flight, req, plan))
             except asyncio.CancelledError:
                 await flight.close(cancel=False)  # the router stops; the workers still serve the client
                 raise
         finally:
             await flight.close()
 
-    async def _dispatch(self, flight: Flight, req: ClientRequest) -> None:
+    async def _dispatch(self, flight: Flight, req: ClientRequest) -> ChatPlan | None:
+        """Tokenize and dispatch; the request's chat plan when its output is parsed (then relayed)."""
+        plan = None
         if req.messages is not None:
-            ids = await self.tokenizer.encode_chat([{"role": m.role, "content": m.content} for m in req.messages])
+            body = chat_body(req)
+            plan = await self.chat.plan(body) if self.chat.wanted(body) else None
+            ids = await self.tokenizer.encode_chat(self.chat.history(body["messages"]), plan.tools if plan else None,
+                                                   self.chat.template)
         elif req.prompt is not None:
             ids = await self.tokenizer.encode_prompt(req.prompt)
         else:
@@ -191,9 +199,34 @@ class Intake:
                                  self.dispatcher.max_context(self.tokenizer.max_context),
                                  self.cfg.max_prompt_tokens, self.cfg.default_max_tokens)
         sampling = req.sampling.replace(max_tokens=max_tokens)
+        subject = req.stream_subject
+        if plan is not None:  # the workers stream to the router, which parses and relays to the client
+            plan.prompt_token_ids = ids
+            sampling = sampling.replace(structured=plan.structured, skip_special_tokens=plan.skip_special_tokens)
+            subject = self.bus.subjects.tokens(flight.request_id)
         await self.dispatcher.admission.place(
-            flight, lambda: flight.dispatch(ids, sampling, req.stream_subject, req.session_id),
+            flight, lambda: flight.dispatch(ids, sampling, subject, req.session_id),
             max_wait_s=self.cfg.intake_ack_wait_s / 2)  # acknowledged before the stream redelivers it
+        return plan
+
+    async def _relay(self, flight: Flight, req: ClientRequest, plan: ChatPlan) -> None:
+        """Parse the workers' chunks and publish them, same ``seq``, to the client's subject."""
+        outcome = "ok"
+        try:
+            while True:
+                chunk = await flight.next_chunk()
+                done = chunk.finish_reason is not None
+                fields = plan.delta(chunk.text, chunk.token_ids, done) or {}
+                reason = plan.finish_reason(chunk.finish_reason, plan.tools_streamed) if done else None
+                await self.bus.publish(req.stream_subject, relayed(chunk, fields, reason))
+                if done:
+                    break
+        except RouterError as exc:
+            outcome = exc.code
+            if isinstance(exc, (DeadlineExceeded, WorkerLost)):
+                await flight.close("timeout" if isinstance(exc, DeadlineExceeded) else exc.code)
+            await self._send_error(req.stream_subject, req.request_id, flight.next_seq, exc)
+        self.metrics.requests.labels("nats", outcome).inc()
 
     async def _follow(self, flight: Flight, req: ClientRequest) -> None:
         """Read the stream the client gets, to its end or its deadline."""
@@ -230,6 +263,38 @@ class Intake:
             await self.bus.publish(subject, chunk)
         except BusUnavailable as err:
             log.warning("error_chunk_failed", subject=subject, error=str(err))
+
+
+def chat_body(req: ClientRequest) -> dict:
+    """A chat ``ClientRequest`` as the OpenAI body vLLM's request model validates."""
+    body: dict = {"model": req.model or "kvrelay", "include_reasoning": req.include_reasoning,
+                  "messages": [_message(m) for m in req.messages or ()]}
+    for key in ("tools", "tool_choice", "parallel_tool_calls", "response_format"):
+        value = getattr(req, key)
+        if value is not None:
+            body[key] = msgspec.to_builtins(value)
+    return body
+
+
+def _message(m: ChatMessage) -> dict:
+    out: dict = {"role": m.role, "content": m.content or ""}
+    if m.tool_calls:
+        out["tool_calls"] = msgspec.to_builtins(m.tool_calls)
+    if m.tool_call_id:
+        out["tool_call_id"] = m.tool_call_id
+    if m.name:
+        out["name"] = m.name
+    return out
+
+
+def relayed(chunk: TokenChunk, fields: dict, finish_reason: str | None) -> TokenChunk:
+    """A worker's chunk with its text parsed: content, reasoning and tool-call pieces."""
+    calls = [ToolCallDelta(index=c.get("index", 0), id=c.get("id") or "",
+                           name=(c.get("function") or {}).get("name") or "",
+                           arguments=(c.get("function") or {}).get("arguments") or "")
+             for c in fields.get("tool_calls", ())]
+    return chunk.replace(text=fields.get("content", ""), reasoning=fields.get("reasoning", ""), tool_calls=calls,
+                         finish_reason=finish_reason, sent_ms=int(time.time() * 1000))
 
 
 def check_reply_subject(subject: str, root: str) -> str:

@@ -30,7 +30,7 @@ class ParsedRequest:
 
     api: Api
     model: str
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
     max_tokens: int | None = None
@@ -178,7 +178,36 @@ def _content(value: Any, i: int, role: str) -> str:
     raise _type_error(name, "a string or a list of text parts", value)
 
 
-def _messages(body: dict) -> list[dict[str, str]]:
+def _tool_calls(value: Any, i: int) -> list[dict[str, Any]]:
+    """An assistant message's ``tool_calls``: ids, function names and JSON argument texts."""
+    name = f"messages[{i}].tool_calls"
+    if not isinstance(value, list) or len(value) > 128:
+        raise _type_error(name, "a list of at most 128 tool calls", value)
+    calls = []
+    for j, call in enumerate(value):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(call.get("id", ""), str):
+            raise BadRequest(f"'{name}[{j}]' must be {{\"id\": str, \"type\": \"function\", \"function\": "
+                             f"{{\"name\": str, \"arguments\": str}}}}", param=f"{name}[{j}]")
+        args = fn.get("arguments", "")
+        if not isinstance(args, str):
+            raise _type_error(f"{name}[{j}].function.arguments", "a string (JSON text)", args)
+        calls.append({"id": call.get("id", ""), "type": "function",
+                      "function": {"name": fn["name"], "arguments": args}})
+    return calls
+
+
+def _message(m: dict, i: int, role: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": role, "content": _content(m.get("content"), i, role)}
+    if role == "assistant" and m.get("tool_calls"):
+        out["tool_calls"] = _tool_calls(m["tool_calls"], i)
+    for key in ("tool_call_id", "name"):
+        if m.get(key) is not None:
+            out[key] = _str(m, key, 256)
+    return out
+
+
+def _messages(body: dict) -> list[dict[str, Any]]:
     value = body.get("messages")
     if value is None:
         raise BadRequest("'messages' is required", param="messages", code="missing_required_parameter")
@@ -197,7 +226,7 @@ def _messages(body: dict) -> list[dict[str, str]]:
         if "content" not in m and role != "assistant":
             raise BadRequest(f"'messages[{i}].content' is required", param=f"messages[{i}].content",
                              code="missing_required_parameter")
-        out.append({"role": role, "content": _content(m.get("content"), i, role)})
+        out.append(_message(m, i, role))
     return out
 
 

@@ -18,7 +18,7 @@ from kvrelay.router.openai_api import Api
 SSE_DONE = b"data: [DONE]\n\n"
 
 # worker finish reasons -> OpenAI's ("abort" and "error" never reach a successful response)
-_FINISH = {"stop": "stop", "length": "length"}
+_FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls"}
 
 
 def sse(obj: Any) -> bytes:
@@ -60,11 +60,12 @@ class Shaper:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "system_fingerprint": None}
 
-    def full(self, text: str, reason: str | None, usage: dict[str, Any]) -> dict[str, Any]:
-        """The non-streaming response."""
+    def full(self, text: str, reason: str | None, usage: dict[str, Any],
+             message: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The non-streaming response (chat: ``message`` when parsed, else the text as content)."""
         if self.api == "chat":
             out = self._head("chat.completion")
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+            choice = {"index": 0, "message": message or {"role": "assistant", "content": text},
                       "logprobs": None, "finish_reason": finish_reason(reason)}
         else:
             out = self._head("text_completion")
@@ -96,6 +97,10 @@ class Shaper:
 
     def delta(self, text: str) -> dict[str, Any]:
         return self._chunk([self._choice(text, None)])
+
+    def delta_fields(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """A chat chunk whose delta is ``fields`` (parsed content, reasoning, tool_calls)."""
+        return self._chunk([{"index": 0, "delta": fields, "logprobs": None, "finish_reason": None}])
 
     def delta_sse(self, text: str) -> bytes:
         """``sse(self.delta(text))``, byte for byte in meaning, from a frame built once per request:

@@ -99,30 +99,43 @@ class RouterTokenizer:
     def encode_prompt_sync(self, text: str) -> list[int]:
         return self._backend.encode(text, add_special_tokens=True).ids
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        """The chat template applied to ``messages`` plus the assistant's turn opener."""
-        if not self.has_chat_template:
+    @property
+    def hf(self) -> Any:
+        """The transformers tokenizer (vLLM's parsers take it)."""
+        return self._tok
+
+    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                    template: str | None = None) -> str:
+        """The chat template (``template``, jinja text, or the model's own) applied to ``messages`` and
+        ``tools``, plus the assistant's turn opener."""
+        if not (template or self.has_chat_template):
             raise BadRequest("this model has no chat template: use /v1/completions", param="messages")
         try:
-            text = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = self._tok.apply_chat_template(messages, tools=tools, chat_template=template,
+                                                 add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # jinja TemplateError and friends: the template refused them
             raise BadRequest(f"the chat template rejected these messages: {exc}", param="messages") from exc
         if not isinstance(text, str):
             raise BadRequest("the chat template did not render to text", param="messages")
         return text
 
-    def encode_chat_sync(self, messages: list[dict[str, str]]) -> list[int]:
-        return self._backend.encode(self.render_chat(messages), add_special_tokens=False).ids
+    def encode_chat_sync(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                         template: str | None = None) -> list[int]:
+        text = self.render_chat(messages, tools, template)
+        return self._backend.encode(text, add_special_tokens=False).ids
 
     async def encode_prompt(self, text: str) -> list[int]:
         if len(text) <= self.inline_chars:
             return self.encode_prompt_sync(text)
         return await asyncio.get_running_loop().run_in_executor(self._pool, self.encode_prompt_sync, text)
 
-    async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        if sum(len(m["content"]) for m in messages) <= self.inline_chars:
-            return self.encode_chat_sync(messages)
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self.encode_chat_sync, messages)
+    async def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                          template: str | None = None) -> list[int]:
+        size = sum(len(m.get("content") or "") for m in messages) + (len(json.dumps(tools)) if tools else 0)
+        if size <= self.inline_chars:
+            return self.encode_chat_sync(messages, tools, template)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self.encode_chat_sync, messages,
+                                                                tools, template)
 
     def decode(self, token_ids: list[int]) -> str:
         return self._backend.decode(token_ids, skip_special_tokens=True)

@@ -7,7 +7,7 @@ Token ids are plain ints. See README "Bus protocol" for subjects and flows.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from kvrelay.schemas.codec import Message, message
 from kvrelay.schemas.errors import ValidationError
@@ -29,7 +29,36 @@ def check_session_id(value: object, what: str = "session_id") -> str:
         raise ValidationError(what, f"must be at most {MAX_SESSION_LEN} visible ASCII characters (no spaces)")
     return value
 
-FinishReason = Literal["stop", "length", "abort", "error"]
+# "tool_calls": only on chunks the router relays after parsing tool calls (never from a worker)
+FinishReason = Literal["stop", "length", "abort", "error", "tool_calls"]
+
+
+MAX_GRAMMAR_CHARS = 1 << 20
+
+
+@message
+class StructuredSpec(Struct):
+    """A constraint on the output (vLLM's ``StructuredOutputsParams``), set by the router from
+    ``response_format`` or ``tools``. Exactly one of the constraints is set; ``json`` and
+    ``structural_tag`` are JSON texts. Every engine that samples a token of the request applies it:
+    the prefill worker for the first token, a decode worker (its grammar advanced over the tokens
+    already produced) for the rest."""
+
+    json: str | None = limit(None, max_len=MAX_GRAMMAR_CHARS)  # a JSON schema, as JSON text
+    json_object: bool = False
+    regex: str | None = limit(None, max_len=MAX_GRAMMAR_CHARS)
+    choice: list[str] | None = limit(None, max_len=1024)
+    grammar: str | None = limit(None, max_len=MAX_GRAMMAR_CHARS)  # EBNF / Lark
+    structural_tag: str | None = limit(None, max_len=MAX_GRAMMAR_CHARS)  # xgrammar structural tag, JSON
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+
+    def validate(self) -> None:
+        given = [self.json is not None, self.json_object, self.regex is not None, self.choice is not None,
+                 self.grammar is not None, self.structural_tag is not None]
+        if sum(given) != 1:
+            raise ValidationError("StructuredSpec", "set exactly one of json, json_object, regex, choice, "
+                                  "grammar, structural_tag")
 
 
 @message
@@ -41,6 +70,8 @@ class SamplingSpec(Struct):
     seed: int | None = limit(None, min=0, max=(1 << 63) - 1)
     stop: list[str] = limit([], max_len=MAX_STOP)
     ignore_eos: bool = False
+    skip_special_tokens: bool = True  # False when a tool parser needs the special tokens in the text
+    structured: StructuredSpec | None = None
 
     def validate(self) -> None:
         if self.top_p <= 0.0:
@@ -51,9 +82,54 @@ class SamplingSpec(Struct):
 
 
 @message
+class FunctionCall(Struct):
+    name: str = limit(max_len=256)
+    arguments: str = limit("", max_len=1 << 20)  # JSON text, as OpenAI sends it
+
+
+@message
+class ToolCall(Struct):
+    """A tool call of an assistant message in the history."""
+
+    id: str = limit(max_len=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+@message
+class FunctionSpec(Struct):
+    name: str = limit(max_len=256)
+    description: str = limit("", max_len=1 << 16)
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+@message
+class ToolSpec(Struct):
+    """A tool the model may call (OpenAI's function tool)."""
+
+    type: Literal["function"] = "function"
+    function: FunctionSpec
+
+
+@message
 class ChatMessage(Struct):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str = limit(max_len=1 << 20)
+    content: str | None = limit("", max_len=1 << 20)
+    tool_calls: list[ToolCall] | None = limit(None, max_len=128)  # assistant: the calls it made
+    tool_call_id: str = limit("", max_len=256)  # tool: the call this answers
+    name: str = limit("", max_len=256)
+
+
+@message
+class ToolCallDelta(Struct):
+    """A piece of a tool call in a stream, as OpenAI streams them: the first piece of call ``index``
+    has its ``id`` and ``name``; the pieces of ``arguments`` concatenate to its JSON text."""
+
+    index: int = limit(min=0, max=1024)
+    id: str = limit("", max_len=256)
+    name: str = limit("", max_len=256)
+    arguments: str = limit("", max_len=1 << 20)
 
 
 @message
@@ -78,6 +154,13 @@ class ClientRequest(Message):
     # a conversation or agent session: its next step may go to the decode worker that ran this
     # one (local prefill, no KV transfer); "" = none. Scoped per tenant by the router.
     session_id: str = limit("", max_len=MAX_SESSION_LEN)
+    # chat only, as in OpenAI's API (validated by the router with vLLM's request model): the chunks
+    # then carry parsed ``tool_calls`` and ``reasoning`` (README "Tools, reasoning, structured outputs")
+    tools: list[ToolSpec] | None = limit(None, max_len=128)
+    tool_choice: str | dict[str, Any] | None = None  # "none", "auto", "required", {"type": "function", ...}
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None  # {"type": "json_object"} / {"type": "json_schema", ...}
+    include_reasoning: bool = True
 
     def validate(self) -> None:
         check_session_id(self.session_id, "ClientRequest.session_id")
@@ -88,6 +171,9 @@ class ClientRequest(Message):
             raise ValidationError("ClientRequest.messages", "must not be empty")
         if self.prompt_token_ids is not None and not self.prompt_token_ids:
             raise ValidationError("ClientRequest.prompt_token_ids", "must not be empty")
+        chat_only = self.tools or self.tool_choice is not None or self.response_format is not None
+        if chat_only and self.messages is None:
+            raise ValidationError("ClientRequest", "tools, tool_choice and response_format need messages")
 
 
 @message
@@ -209,12 +295,15 @@ class TokenChunk(Message):
     request_id: str = limit(max_len=MAX_ID_LEN)
     seq: int = limit(min=0)
     token_ids: list[int] = limit([], max_len=65536)
-    text: str = ""
+    text: str = ""  # the content (with a tool or reasoning parser on: the text the parser left)
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     error: ErrorInfo | None = None
     worker: str = limit("", max_len=MAX_ID_LEN)
     sent_ms: int = limit(0, min=0)
+    # set by the router on requests it parses (tools, a reasoning parser): relayed to the client
+    reasoning: str = ""
+    tool_calls: list[ToolCallDelta] = limit([], max_len=128)
 
 
 @message

@@ -27,7 +27,7 @@ def test_parse_chat_takes_text_parts_and_null_assistant_content() -> None:
         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
         {"role": "assistant", "content": None, "name": "x"}]}
     assert parse("chat", body).messages == [{"role": "user", "content": "a\nb"},
-                                            {"role": "assistant", "content": ""}]
+                                            {"role": "assistant", "content": "", "name": "x"}]
 
 
 def test_parse_null_means_unset_and_max_tokens_is_an_alias() -> None:

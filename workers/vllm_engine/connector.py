@@ -16,6 +16,10 @@ import (decode, ``kvrelay_import``): the prompt is the prefill's prompt plus its
   blocks through ``get_block_ids_with_load_errors`` and vLLM recomputes them locally
   (``kv_load_failure_policy="recompute"``). A request is offered for loading once: after a
   failure vLLM's retry gets ``(0, False)``.
+advance (decode, ``kvrelay_advance``): the prompt ends with output tokens the prefill worker
+  sampled under the request's structured-output grammar. vLLM feeds a grammar only the tokens
+  it samples itself, so when the request is first scheduled (its grammar compiled by then) the
+  grammar accepts those tokens once; the next token is sampled in the state after them.
 
 The scheduler half keeps per-request state only for requests vLLM holds (dropped in
 ``request_finished``), so it is bounded by vLLM's own limits.
@@ -43,8 +47,10 @@ from kvrelay.workers.vllm_engine.connector_worker import ConnectorWorker, LoadSp
 from kvrelay.workers.vllm_engine.layout import layout_from_vllm_config
 from kvrelay.workers.vllm_engine.notify import NotifySender
 from kvrelay.workers.vllm_engine.params import (
+    ADVANCE_KEY,
     EXPORT_KEY,
     IMPORT_KEY,
+    AdvanceParams,
     ConnectorConfig,
     ExportParams,
     ImportParams,
@@ -101,12 +107,14 @@ class KVRelayConnector(KVConnectorBase_V1):
         self._saves: list[SaveSpec] = []
         self._loads: list[LoadSpec] = []
         self._imports: dict[str, _Import] = {}
+        self._advanced: set[str] = set()  # requests whose grammar accepted their prompt's output tokens
         self._notices: list[Notice] = []
 
     # ======================= scheduler side =======================
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
+        self._advance(request)
         imp = self._import_of(request)
         if imp is None or imp.started or imp.params is None:
             return 0, False
@@ -149,6 +157,7 @@ class KVRelayConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._imports.pop(request.request_id, None)
+        self._advanced.discard(request.request_id)
         raw = (request.kv_transfer_params or {}).get(EXPORT_KEY)
         if raw is None:
             return False, None
@@ -170,6 +179,24 @@ class KVRelayConnector(KVConnectorBase_V1):
             SaveSpec(request.request_id, list(block_ids[:nb]), exp.region_blocks, exp.ticket, exp.checksum)
         )
         return True, {EXPORT_KEY: {"ticket": exp.ticket, "scheduled": True}}
+
+    def _advance(self, request: Request) -> None:
+        """Once per request: its grammar accepts the output tokens its prompt ends with."""
+        raw = (request.kv_transfer_params or {}).get(ADVANCE_KEY)
+        if raw is None or request.request_id in self._advanced:
+            return
+        self._advanced.add(request.request_id)
+        so = request.structured_output_request
+        grammar = so.grammar if so is not None else None
+        if grammar is None or isinstance(grammar, Exception):
+            return  # not structured (or its grammar failed: vLLM fails the request itself)
+        try:
+            tokens = AdvanceParams.from_mapping(raw, path=ADVANCE_KEY).token_ids
+        except SchemaError as exc:
+            log.error("bad_advance_params", error=str(exc))
+            return
+        if tokens and not grammar.accept_tokens(request.request_id, tokens):
+            log.error("grammar_rejected_prefix", request_id=request.request_id, token_ids=tokens)
 
     def _import_of(self, request: Request) -> _Import | None:
         imp = self._imports.get(request.request_id)

@@ -3,7 +3,7 @@
 The prompt submitted is the prefill's prompt plus its first token, with
 ``max_tokens = sampling.max_tokens - 1``; the connector loads the prompt's KV from the
 descriptor (``kvrelay_import``), so vLLM computes only the first token's KV and samples the
-second. A failed load is recomputed by vLLM (local prefill fallback); a descriptor this
+second. A structured request's grammar first accepts the first token (``kvrelay_advance``). A failed load is recomputed by vLLM (local prefill fallback); a descriptor this
 engine cannot read at all (another host, backend or layout) is not offered to the connector:
 vLLM prefills locally from the start. Either way the stream completes and its first delta
 says how the KV got there (``kv_loaded_tokens``, ``kv_recomputed``).
@@ -42,7 +42,7 @@ from kvrelay.workers.config import DecodeConfig, EngineConfig
 from kvrelay.workers.engine import EngineInfo, EngineStats, TokenDelta
 from kvrelay.workers.errors import EngineError
 from kvrelay.workers.vllm_engine.vllm_events import KvEventsMixin, cache_salt
-from kvrelay.workers.vllm_engine.params import IMPORT_KEY, ConnectorConfig, Notice
+from kvrelay.workers.vllm_engine.params import ADVANCE_KEY, IMPORT_KEY, ConnectorConfig, Notice
 from kvrelay.workers.vllm_engine.runtime import VllmRuntime, sampling_params, translate
 
 log = get_logger(__name__)
@@ -142,6 +142,8 @@ class VllmDecodeEngine(KvEventsMixin):
             }
         else:
             self.counters["unreadable"] += 1
+        if done.sampling.structured is not None:  # the grammar continues after the first token
+            kv_params = (kv_params or {}) | {ADVANCE_KEY: {"token_ids": [done.first_token_id]}}
         async for delta in self._stream(done, max_tokens, kv_params, nonce):
             yield delta
 
@@ -174,7 +176,7 @@ class VllmDecodeEngine(KvEventsMixin):
 
         receiver = self._rt.receiver
         key = ("import", nonce)
-        fut = receiver.expect(key) if kv_params else None
+        fut = receiver.expect(key) if kv_params and IMPORT_KEY in kv_params else None
         sp = sampling_params(done.sampling, max_tokens=max_tokens, kv_params=kv_params, delta=True)
         prompt = TokensPrompt(prompt_token_ids=[*done.prompt_token_ids, done.first_token_id])
         if salt := cache_salt(done.tenant):

@@ -4,6 +4,8 @@ Engine -> connector, per request, through ``SamplingParams(extra_args={"kv_trans
 
     {"kvrelay_export": ExportParams}   prefill: copy this prompt's KV into these region blocks
     {"kvrelay_import": ImportParams}   decode: load this prompt's KV from the descriptor
+    {"kvrelay_advance": AdvanceParams} decode: the prompt ends with output tokens another engine
+                                       sampled: advance the request's grammar over them first
 
 Connector -> engine: the final ``RequestOutput.kv_transfer_params`` says whether an export was
 scheduled (``{"kvrelay_export": {"ticket": t, "scheduled": true}}``), and a UNIX datagram per
@@ -22,6 +24,7 @@ from kvrelay.schemas.struct import Struct, limit, typed
 
 EXPORT_KEY = "kvrelay_export"
 IMPORT_KEY = "kvrelay_import"
+ADVANCE_KEY = "kvrelay_advance"
 
 
 @typed
@@ -55,6 +58,14 @@ class ImportParams(Struct):
     kv: KVDescriptor
     nonce: int = limit(min=1, max=(1 << 63) - 1)  # names this import in its Notice
     debug_zero_kv: bool = False
+
+
+@typed
+class AdvanceParams(Struct):
+    """Output tokens at the end of the prompt (the prefill worker's first token, ...): a structured
+    request's grammar accepts them before this engine samples, so its output continues theirs."""
+
+    token_ids: list[int] = limit(max_len=1 << 16)
 
 
 @typed

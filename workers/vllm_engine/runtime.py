@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kvrelay.base.logs import get_logger
-from kvrelay.schemas.messages import KVLayout, SamplingSpec
+from kvrelay.schemas.messages import KVLayout, SamplingSpec, StructuredSpec
 from kvrelay.workers.config import EngineConfig
 from kvrelay.workers.errors import EngineDead, EngineError
 from kvrelay.workers.vllm_engine import env
@@ -211,6 +211,8 @@ def sampling_params(
 
     return SamplingParams(
         max_tokens=max_tokens,
+        skip_special_tokens=spec.skip_special_tokens,
+        structured_outputs=structured_outputs(spec.structured),
         temperature=spec.temperature,
         top_p=spec.top_p,
         top_k=spec.top_k,
@@ -219,6 +221,22 @@ def sampling_params(
         ignore_eos=spec.ignore_eos,
         output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY,
         extra_args={"kv_transfer_params": kv_params} if kv_params else None,
+    )
+
+
+def structured_outputs(spec: StructuredSpec | None) -> Any:
+    """vLLM's ``StructuredOutputsParams`` for a wire ``StructuredSpec`` (None for none)."""
+    if spec is None:
+        return None
+    import json
+
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return StructuredOutputsParams(
+        json=json.loads(spec.json) if spec.json is not None else None,
+        json_object=spec.json_object or None, regex=spec.regex, choice=spec.choice, grammar=spec.grammar,
+        structural_tag=spec.structural_tag, disable_any_whitespace=spec.disable_any_whitespace,
+        disable_additional_properties=spec.disable_additional_properties,
     )
 
 
