@@ -15,6 +15,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "run": ("kvrelay.loadtest.run", "drive a running deployment (HTTP or NATS): TTFT, ITL, throughput, goodput"),
     "compare": ("kvrelay.loadtest.compare", "start aggregated and disaggregated deployments, same workload, one report"),
     "sessions": ("kvrelay.loadtest.sessions_bench", "multi-step agents on real engines: KV transfer vs local prefill on the decode worker"),
+    "agent": ("kvrelay.loadtest.bench_agent", "tool-calling agents through the openai client: per-step TTFT, cached share, valid calls"),
     "project": ("kvrelay.loadtest.project", "scale projection on simulated GPU clusters (cost model, virtual clock)"),
     "transfer": ("kvrelay.loadtest.bench_transfer", "KV transfer backends between two processes vs a memcpy (--ttft: vLLM split)"),
     "steps": ("kvrelay.loadtest.bench_steps", "engine decode-step and prefill times per dtype on this CPU (which dtype to serve)"),
