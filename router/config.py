@@ -87,6 +87,9 @@ class RouterConfig(Struct):
     kv_local_threshold_tokens: int = limit(256, min=0)
     # dispatch local-prefill plans to decode workers (kvrelay.<ns>.local.<worker>); off: never
     kv_local_prefill: bool = True
+    # keep a session's step KV on its decode worker this long for its next step (a tool call's pause),
+    # unless the request says (kv_ttl_s); 0 = only when asked. Decode workers cap and budget it
+    kv_ttl_s: float = limit(0.0, min=0.0, max=3600.0)
     # sessions (client session_id -> the decode worker of its last step) kept; LRU eviction past it
     max_sessions: int = limit(65536, min=1, max=1 << 24)
     # the prefix index (router/index.py): distinct block hashes kept (LRU eviction past it)

@@ -181,9 +181,10 @@ class Flight:
 
     # --- dispatch ---------------------------------------------------------------------------------
     async def dispatch(self, token_ids: list[int], sampling: SamplingSpec, stream_subject: str,
-                       session_id: str = "") -> str:
+                       session_id: str = "", kv_ttl_s: float = 0.0) -> str:
         """Send the task to a prefill worker (or, on a local plan, a decode worker); returns the
-        worker that took it. ``session_id`` ("" = none) names the client's session."""
+        worker that took it. ``session_id`` ("" = none) names the client's session; ``kv_ttl_s``
+        asks its decode worker to keep the step's KV that long for the session's next step."""
         d = self._d
         infos = d.directory.live("prefill")
         views = d.table.views(infos)
@@ -202,7 +203,8 @@ class Flight:
         task = PrefillTask(
             request_id=self.request_id, tenant=self.tenant, prompt_token_ids=token_ids, sampling=sampling,
             stream_subject=stream_subject, deadline_ms=self.deadline_ms, router_id=d.router_id,
-            arrival_ms=self.arrival_ms,
+            arrival_ms=self.arrival_ms, session=f"{self.tenant}/{session_id}" if session_id else "",
+            kv_ttl_ms=int(kv_ttl_s * 1000) if session_id else 0,
         )
         if plan.mode == "local":
             if await self._local(plan, task):

@@ -239,7 +239,8 @@ class HttpApi:
             plan.prompt_token_ids = ids
             sampling = sampling.replace(structured=plan.structured, skip_special_tokens=plan.skip_special_tokens)
         subject, session = self.dispatcher.bus.subjects.tokens(flight.request_id), self._session(request, parsed)
-        await self.dispatcher.admission.place(flight, lambda: flight.dispatch(ids, sampling, subject, session))
+        ttl = self.cfg.kv_ttl_s if parsed.kv_ttl_s is None else parsed.kv_ttl_s
+        await self.dispatcher.admission.place(flight, lambda: flight.dispatch(ids, sampling, subject, session, ttl))
         first = await flight.next_chunk()  # errors before any output keep their HTTP status
         shaper = Shaper(parsed.api, flight.request_id, self.model_name, int(time.time()), parsed.include_usage)
         if parsed.stream:

@@ -200,12 +200,13 @@ class Intake:
                                  self.cfg.max_prompt_tokens, self.cfg.default_max_tokens)
         sampling = req.sampling.replace(max_tokens=max_tokens)
         subject = req.stream_subject
+        ttl = self.cfg.kv_ttl_s if req.kv_ttl_s is None else req.kv_ttl_s
         if plan is not None:  # the workers stream to the router, which parses and relays to the client
             plan.prompt_token_ids = ids
             sampling = sampling.replace(structured=plan.structured, skip_special_tokens=plan.skip_special_tokens)
             subject = self.bus.subjects.tokens(flight.request_id)
         await self.dispatcher.admission.place(
-            flight, lambda: flight.dispatch(ids, sampling, subject, req.session_id),
+            flight, lambda: flight.dispatch(ids, sampling, subject, req.session_id, ttl),
             max_wait_s=self.cfg.intake_ack_wait_s / 2)  # acknowledged before the stream redelivers it
         return plan
 

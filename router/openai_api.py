@@ -44,6 +44,7 @@ class ParsedRequest:
     include_usage: bool = False
     user: str = ""
     session_id: str = ""  # extension: the client's session ("" = none), see router/sessions.py
+    kv_ttl_s: float | None = None  # extension: keep the step's KV for the session's next step (None: default)
 
     def sampling(self, prompt_tokens: int, max_context: int | None, max_prompt_tokens: int,
                  default_max_tokens: int) -> SamplingSpec:
@@ -290,4 +291,5 @@ def parse(api: Api, body: Any) -> ParsedRequest:
         top_k=max(0, top_k or 0), seed=_int(body, "seed", 0, MAX_SEED), stop=_stop(body),
         ignore_eos=_bool(body, "ignore_eos"), stream=stream, include_usage=include_usage,
         user=_str(body, "user", 256), session_id=session_id(_opt(body, "session_id")),
+        kv_ttl_s=None if _opt(body, "kv_ttl_s") is _MISSING else _float(body, "kv_ttl_s", 0.0, 3600.0, 0.0),
     )

@@ -18,6 +18,7 @@ MAX_STOP = 8
 MAX_ID_LEN = 128
 MAX_SUBJECT_LEN = 256
 MAX_SESSION_LEN = 128
+MAX_KV_TTL_MS = 3_600_000
 _SESSION_CHARS = re.compile(r"^[\x21-\x7e]*$")  # visible ASCII, no spaces
 
 
@@ -154,6 +155,9 @@ class ClientRequest(Message):
     # a conversation or agent session: its next step may go to the decode worker that ran this
     # one (local prefill, no KV transfer); "" = none. Scoped per tenant by the router.
     session_id: str = limit("", max_len=MAX_SESSION_LEN)
+    # keep this step's KV on its decode worker for the session's next step, up to this many seconds
+    # (a tool call's pause; needs session_id); None = the router's default (router.kv_ttl_s)
+    kv_ttl_s: float | None = limit(None, min=0.0, max=3600.0)
     # chat only, as in OpenAI's API (validated by the router with vLLM's request model): the chunks
     # then carry parsed ``tool_calls`` and ``reasoning`` (README "Tools, reasoning, structured outputs")
     tools: list[ToolSpec] | None = limit(None, max_len=128)
@@ -196,6 +200,10 @@ class PrefillTask(Message):
     # wall-clock ms after which the worker must refuse the offer (code "timeout") instead of
     # starting it: the router has stopped waiting for the reply and may offer it elsewhere; 0 = none
     accept_by_ms: int = limit(0, min=0)
+    # the client's session, scoped by tenant ("<tenant>/<session id>"; "" = none), and how long the
+    # decode worker should keep this step's KV for the session's next step (0 = not asked)
+    session: str = limit("", max_len=MAX_SESSION_LEN + 80)
+    kv_ttl_ms: int = limit(0, min=0, max=MAX_KV_TTL_MS)
 
     def validate(self) -> None:
         if not self.prompt_token_ids:
@@ -265,6 +273,8 @@ class PrefillDone(Message):
     prefill_ms: float = limit(0.0, min=0.0)
     cached_tokens: int = limit(0, min=0)
     decode_hint: str = limit("", max_len=MAX_ID_LEN)
+    session: str = limit("", max_len=MAX_SESSION_LEN + 80)  # as in PrefillTask
+    kv_ttl_ms: int = limit(0, min=0, max=MAX_KV_TTL_MS)
 
 
 @message

@@ -43,6 +43,8 @@ DECODE_TIME_TO_KV = Histogram("kvrelay_decode_time_to_kv_seconds",
 DECODE_TOKENS = Counter("kvrelay_decode_tokens_total", "Tokens streamed by decode workers")
 DECODE_KV_RECOMPUTED = Counter("kvrelay_decode_kv_recomputed_total",
                                "Requests whose KV transfer failed and whose prompt was recomputed")
+KV_PINS = Counter("kvrelay_decode_kv_pins_total", "Session KV pins by outcome: pinned, refused, then hit "
+                  "(the session's next step came), expired, evicted, replaced", ["outcome"])
 KV_BYTES_MOVED = Counter("kvrelay_kv_bytes_moved_total", "KV bytes transferred between workers")
 BUS_PUBLISH_ERRORS = Counter("kvrelay_worker_publish_errors_total", "Worker publishes that failed", ["kind"])
 

@@ -228,7 +228,8 @@ class PrefillService(WorkerService):
             request_id=rid, tenant=task.tenant, prompt_token_ids=task.prompt_token_ids,
             first_token_id=out.first_token_id, sampling=task.sampling, stream_subject=stream,
             deadline_ms=task.deadline_ms, prefill_worker=self.id, kv=out.kv, prefill_ms=out.prefill_ms,
-            cached_tokens=out.cached_tokens, decode_hint=task.decode_hint,
+            cached_tokens=out.cached_tokens, decode_hint=task.decode_hint, session=task.session,
+            kv_ttl_ms=task.kv_ttl_ms,
         )
         await self._hand_over(task, done)
 

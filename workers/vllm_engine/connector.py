@@ -20,6 +20,10 @@ advance (decode, ``kvrelay_advance``): the prompt ends with output tokens the pr
   sampled under the request's structured-output grammar. vLLM feeds a grammar only the tokens
   it samples itself, so when the request is first scheduled (its grammar compiled by then) the
   grammar accepts those tokens once; the next token is sampled in the state after them.
+pin (decode, ``kvrelay_pin``): a session's step keeps its blocks after it finishes (``pins.py``):
+  ``request_finished`` delays their free within the pin budget; the session's next request
+  (seen in ``get_num_new_matched_tokens``, after its prefix-cache lookup), the TTL or the budget
+  ends the pin, and the worker half reports the request as finished sending so vLLM frees them.
 
 The scheduler half keeps per-request state only for requests vLLM holds (dropped in
 ``request_finished``), so it is bounded by vLLM's own limits.
@@ -39,6 +43,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.request import RequestStatus
 
+from kvrelay.base.ids import now_ms
 from kvrelay.base.logs import get_logger
 from kvrelay.schemas.errors import SchemaError
 from kvrelay.transport.errors import LayoutMismatch
@@ -46,15 +51,18 @@ from kvrelay.transport.kv.region import layout_fingerprint
 from kvrelay.workers.vllm_engine.connector_worker import ConnectorWorker, LoadSpec, SaveSpec
 from kvrelay.workers.vllm_engine.layout import layout_from_vllm_config
 from kvrelay.workers.vllm_engine.notify import NotifySender
+from kvrelay.workers.vllm_engine.pins import PinTable
 from kvrelay.workers.vllm_engine.params import (
     ADVANCE_KEY,
     EXPORT_KEY,
     IMPORT_KEY,
+    PIN_KEY,
     AdvanceParams,
     ConnectorConfig,
     ExportParams,
     ImportParams,
     Notice,
+    PinParams,
     failed,
 )
 
@@ -73,6 +81,7 @@ log = get_logger(__name__)
 class KVRelayMeta(KVConnectorMetadata):
     saves: list[SaveSpec] = field(default_factory=list)
     loads: list[LoadSpec] = field(default_factory=list)
+    unpins: list[str] = field(default_factory=list)  # pinned requests whose blocks may be freed now
 
 
 @dataclass
@@ -108,6 +117,9 @@ class KVRelayConnector(KVConnectorBase_V1):
         self._loads: list[LoadSpec] = []
         self._imports: dict[str, _Import] = {}
         self._advanced: set[str] = set()  # requests whose grammar accepted their prompt's output tokens
+        c = self._cfg
+        self._pins = PinTable(c.pin_max_blocks, c.pin_max_sessions, c.pin_max_ttl_ms)
+        self._unpins: list[str] = []
         self._notices: list[Notice] = []
 
     # ======================= scheduler side =======================
@@ -115,6 +127,9 @@ class KVRelayConnector(KVConnectorBase_V1):
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
         self._advance(request)
+        pin = _pin_of(request)
+        if pin is not None:
+            self._end_pins(self._pins.arrive(pin.session))
         imp = self._import_of(request)
         if imp is None or imp.started or imp.params is None:
             return 0, False
@@ -148,8 +163,10 @@ class KVRelayConnector(KVConnectorBase_V1):
         self._loads.append(spec)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        meta = KVRelayMeta(saves=self._saves, loads=self._loads)
-        self._saves, self._loads = [], []
+        if len(self._pins):
+            self._end_pins(self._pins.expire(now_ms()))
+        meta = KVRelayMeta(saves=self._saves, loads=self._loads, unpins=self._unpins)
+        self._saves, self._loads, self._unpins = [], [], []
         if self._notices:
             notices, self._notices = self._notices, []
             self._sender.send(notices)
@@ -160,7 +177,7 @@ class KVRelayConnector(KVConnectorBase_V1):
         self._advanced.discard(request.request_id)
         raw = (request.kv_transfer_params or {}).get(EXPORT_KEY)
         if raw is None:
-            return False, None
+            return self._pin(request, block_ids), None
         try:
             exp = ExportParams.from_mapping(raw, path=EXPORT_KEY)
         except SchemaError as exc:
@@ -179,6 +196,23 @@ class KVRelayConnector(KVConnectorBase_V1):
             SaveSpec(request.request_id, list(block_ids[:nb]), exp.region_blocks, exp.ticket, exp.checksum)
         )
         return True, {EXPORT_KEY: {"ticket": exp.ticket, "scheduled": True}}
+
+    def _pin(self, request: Request, block_ids: list[int]) -> bool:
+        """Whether a finished request keeps its blocks for its session's next step (delayed free)."""
+        pin = _pin_of(request)
+        done = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
+        if pin is None or pin.ttl_ms <= 0 or request.status not in done:
+            return False
+        decision = self._pins.offer(pin.session, request.request_id, len(block_ids), pin.ttl_ms, now_ms())
+        self._end_pins(decision.ended)
+        outcome = "pinned" if decision.pinned else "refused"
+        self._notices.append(Notice(kind="pin", code=outcome, blocks=len(block_ids)))
+        return decision.pinned
+
+    def _end_pins(self, ended: list[tuple[str, str, int]]) -> None:
+        for req_id, outcome, blocks in ended:
+            self._unpins.append(req_id)
+            self._notices.append(Notice(kind="pin", code=outcome, blocks=blocks))
 
     def _advance(self, request: Request) -> None:
         """Once per request: its grammar accepts the output tokens its prompt ends with."""
@@ -235,8 +269,11 @@ class KVRelayConnector(KVConnectorBase_V1):
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
-        if self._worker is not None and isinstance(meta, KVRelayMeta) and meta.loads:
-            self._worker.start_load(meta.loads)
+        if self._worker is not None and isinstance(meta, KVRelayMeta):
+            if meta.loads:
+                self._worker.start_load(meta.loads)
+            if meta.unpins:
+                self._worker.unpin(meta.unpins)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are asynchronous: vLLM schedules a request only after finished_recving
@@ -265,6 +302,17 @@ class KVRelayConnector(KVConnectorBase_V1):
             self._worker.shutdown()
         else:
             self._sender.close()
+
+
+def _pin_of(request: Request) -> PinParams | None:
+    raw = (request.kv_transfer_params or {}).get(PIN_KEY)
+    if raw is None:
+        return None
+    try:
+        return PinParams.from_mapping(raw, path=PIN_KEY)
+    except SchemaError as exc:
+        log.warning("bad_pin_params", error=str(exc))
+        return None
 
 
 def _nonce_of(request: Request) -> int:

@@ -112,6 +112,10 @@ class ConnectorWorker:
             self._notices.append(self._save(spec))
             self._sent.add(spec.req_id)
 
+    def unpin(self, req_ids: list[str]) -> None:
+        """Pinned requests whose blocks vLLM may free now (reported as finished sending)."""
+        self._sent.update(req_ids)
+
     def results(self) -> tuple[set[str], set[str]]:
         """(finished_sending, finished_recving) of this step; sends this step's notices."""
         recving: set[str] = set()

@@ -41,14 +41,20 @@ from kvrelay.transport.kv.region import layout_fingerprint
 from kvrelay.workers.config import DecodeConfig, EngineConfig
 from kvrelay.workers.engine import EngineInfo, EngineStats, TokenDelta
 from kvrelay.workers.errors import EngineError
+from kvrelay.workers.metrics import KV_PINS
 from kvrelay.workers.vllm_engine.vllm_events import KvEventsMixin, cache_salt
-from kvrelay.workers.vllm_engine.params import ADVANCE_KEY, IMPORT_KEY, ConnectorConfig, Notice
+from kvrelay.workers.vllm_engine.params import ADVANCE_KEY, IMPORT_KEY, PIN_KEY, ConnectorConfig, Notice
 from kvrelay.workers.vllm_engine.runtime import VllmRuntime, sampling_params, translate
 
 log = get_logger(__name__)
 
 NOTICE_WAIT_S = 2.0  # how long the first delta waits for the import notice (it is normally there already)
 READABLE_BACKENDS = ("shm", "cma", "tcp", "nixl")  # cuda-ipc reads into GPU caches only
+
+
+def _pin(session: str, ttl_ms: int) -> dict[str, Any] | None:
+    """The connector's pin request of a session's step (ttl 0: not kept, but it ends the last pin)."""
+    return {PIN_KEY: {"session": session, "ttl_ms": ttl_ms}} if session else None
 
 
 def readable_backends(wanted: list[str]) -> tuple[str, ...]:
@@ -73,7 +79,9 @@ class VllmDecodeEngine(KvEventsMixin):
         self.debug_zero_kv = decode.debug_zero_kv
         backends = readable_backends(list(decode.backends))
         conn = ConnectorConfig(notify_path="", transfer_timeout_s=decode.transfer_timeout_s,
-                               backends=list(backends), load_cpus=decode.kv_load_cpus)
+                               backends=list(backends), load_cpus=decode.kv_load_cpus,
+                               pin_max_blocks=decode.kv_pin_max_blocks, pin_max_sessions=decode.kv_pin_max_sessions,
+                               pin_max_ttl_ms=int(decode.kv_pin_max_ttl_s * 1000))
         self._rt = VllmRuntime(engine, cache.block_size, conn, self._on_notice,
                                chunk_tokens=decode.prefill_chunk_tokens)
         self.info = EngineInfo(
@@ -144,6 +152,8 @@ class VllmDecodeEngine(KvEventsMixin):
             self.counters["unreadable"] += 1
         if done.sampling.structured is not None:  # the grammar continues after the first token
             kv_params = (kv_params or {}) | {ADVANCE_KEY: {"token_ids": [done.first_token_id]}}
+        if pin := _pin(done.session, done.kv_ttl_ms):
+            kv_params = (kv_params or {}) | pin
         async for delta in self._stream(done, max_tokens, kv_params, nonce):
             yield delta
 
@@ -152,7 +162,8 @@ class VllmDecodeEngine(KvEventsMixin):
         from vllm.inputs import TokensPrompt
 
         spec = task.sampling
-        sp = sampling_params(spec, max_tokens=spec.max_tokens, kv_params=None, delta=True)
+        sp = sampling_params(spec, max_tokens=spec.max_tokens, kv_params=_pin(task.session, task.kv_ttl_ms),
+                             delta=True)
         prompt = TokensPrompt(prompt_token_ids=list(task.prompt_token_ids))
         if salt := cache_salt(task.tenant):
             prompt["cache_salt"] = salt  # the same salt as transferred requests: their blocks hit
@@ -249,6 +260,11 @@ class VllmDecodeEngine(KvEventsMixin):
         )
 
     def _on_notice(self, notice: Notice, matched: bool) -> None:
+        if notice.kind == "pin":
+            key = f"pins_{notice.code}"
+            self.counters[key] = self.counters.get(key, 0) + 1
+            KV_PINS.labels(notice.code).inc()
+            return
         if notice.kind != "import":
             return
         c = self.counters

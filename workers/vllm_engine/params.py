@@ -6,6 +6,7 @@ Engine -> connector, per request, through ``SamplingParams(extra_args={"kv_trans
     {"kvrelay_import": ImportParams}   decode: load this prompt's KV from the descriptor
     {"kvrelay_advance": AdvanceParams} decode: the prompt ends with output tokens another engine
                                        sampled: advance the request's grammar over them first
+    {"kvrelay_pin": PinParams}         decode: keep this step's blocks for its session's next step
 
 Connector -> engine: the final ``RequestOutput.kv_transfer_params`` says whether an export was
 scheduled (``{"kvrelay_export": {"ticket": t, "scheduled": true}}``), and a UNIX datagram per
@@ -25,6 +26,7 @@ from kvrelay.schemas.struct import Struct, limit, typed
 EXPORT_KEY = "kvrelay_export"
 IMPORT_KEY = "kvrelay_import"
 ADVANCE_KEY = "kvrelay_advance"
+PIN_KEY = "kvrelay_pin"
 
 
 @typed
@@ -44,6 +46,10 @@ class ConnectorConfig(Struct):
     # the transfer backends this engine reads with, best first (transport.kv.fetch negotiates)
     backends: list[str] = limit(["shm", "tcp"], max_len=8)
     debug_zero_kv: bool = False  # zero every loaded block (control: proves the KV is transferred)
+    # session pins (pins.py): budget of blocks and sessions, longest TTL; 0 blocks = no pins
+    pin_max_blocks: int = limit(0, min=0, max=1 << 24)
+    pin_max_sessions: int = limit(256, min=0, max=1 << 20)
+    pin_max_ttl_ms: int = limit(300_000, min=0)
 
 
 @typed
@@ -69,10 +75,16 @@ class AdvanceParams(Struct):
 
 
 @typed
+class PinParams(Struct):
+    session: str = limit(max_len=256)  # the tenant-scoped session key
+    ttl_ms: int = limit(min=0, max=86_400_000)  # 0: not pinned (its arrival still ends the session's pin)
+
+
+@typed
 class Notice(Struct):
     """The outcome of one export (``ticket``) or import (``nonce``)."""
 
-    kind: Literal["export", "import"]
+    kind: Literal["export", "import", "pin"]  # pin: code is the outcome (pins.py), blocks its size
     ticket: int = limit(0, min=0)
     nonce: int = limit(0, min=0)
     ok: bool = True
