@@ -100,9 +100,10 @@ class DecodeConfig(Struct):
     # Prometheus /metrics HTTP port (0 = off)
     metrics_port: int = limit(0, min=0, max=65535)
     # session KV kept across tool pauses (workers/vllm_engine/pins.py): a step that asks (kv_ttl_s)
-    # keeps its blocks allocated after it finishes, at most this many blocks and sessions at once (the
-    # oldest pins are evicted past either) and at most kv_pin_max_ttl_s; 0 blocks = never pin
-    kv_pin_max_blocks: int = limit(1024, min=0, max=1 << 24)
+    # keeps its blocks allocated after it finishes: pins hold at most this share of the engine's KV
+    # blocks and kv_pin_max_sessions sessions (the oldest pins are evicted past either), each at most
+    # kv_pin_max_ttl_s; 0 = never pin
+    kv_pin_budget: float = limit(0.5, min=0.0, max=0.9)
     kv_pin_max_sessions: int = limit(256, min=0, max=1 << 20)
     kv_pin_max_ttl_s: float = limit(300.0, min=0.0, max=86400.0)
 

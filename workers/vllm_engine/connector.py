@@ -118,7 +118,7 @@ class KVRelayConnector(KVConnectorBase_V1):
         self._imports: dict[str, _Import] = {}
         self._advanced: set[str] = set()  # requests whose grammar accepted their prompt's output tokens
         c = self._cfg
-        self._pins = PinTable(c.pin_max_blocks, c.pin_max_sessions, c.pin_max_ttl_ms)
+        self._pins = PinTable(int(c.pin_budget * kv_cache_config.num_blocks), c.pin_max_sessions, c.pin_max_ttl_ms)
         self._unpins: list[str] = []
         self._notices: list[Notice] = []
 

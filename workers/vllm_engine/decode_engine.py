@@ -80,7 +80,7 @@ class VllmDecodeEngine(KvEventsMixin):
         backends = readable_backends(list(decode.backends))
         conn = ConnectorConfig(notify_path="", transfer_timeout_s=decode.transfer_timeout_s,
                                backends=list(backends), load_cpus=decode.kv_load_cpus,
-                               pin_max_blocks=decode.kv_pin_max_blocks, pin_max_sessions=decode.kv_pin_max_sessions,
+                               pin_budget=decode.kv_pin_budget, pin_max_sessions=decode.kv_pin_max_sessions,
                                pin_max_ttl_ms=int(decode.kv_pin_max_ttl_s * 1000))
         self._rt = VllmRuntime(engine, cache.block_size, conn, self._on_notice,
                                chunk_tokens=decode.prefill_chunk_tokens)

@@ -46,8 +46,8 @@ class ConnectorConfig(Struct):
     # the transfer backends this engine reads with, best first (transport.kv.fetch negotiates)
     backends: list[str] = limit(["shm", "tcp"], max_len=8)
     debug_zero_kv: bool = False  # zero every loaded block (control: proves the KV is transferred)
-    # session pins (pins.py): budget of blocks and sessions, longest TTL; 0 blocks = no pins
-    pin_max_blocks: int = limit(0, min=0, max=1 << 24)
+    # session pins (pins.py): share of the KV blocks and sessions they may hold, longest TTL; 0 = none
+    pin_budget: float = limit(0.0, min=0.0, max=0.9)
     pin_max_sessions: int = limit(256, min=0, max=1 << 20)
     pin_max_ttl_ms: int = limit(300_000, min=0)
 
