@@ -107,9 +107,8 @@ class ChatFeatures:
         from kvrelay.router.chat_vllm import make_plan
 
         plan = make_plan(body, self._parser_cls, self.tokenizer, bool(self.tool_parser))
-        s = plan.structured
-        if self.cfg.compact_json and s is not None and (s.json is not None or s.json_object):
-            plan.structured = s.replace(disable_any_whitespace=True)
+        if self.cfg.compact_json and plan.structured is not None:
+            plan.structured = compact(plan.structured)
         return plan
 
 
@@ -160,6 +159,30 @@ class ChatPlan:
         if delta and delta.get("tool_calls"):
             self.tools_streamed = True
         return delta
+
+
+def compact(spec: StructuredSpec) -> StructuredSpec:
+    """JSON without runs of whitespace: ``disable_any_whitespace`` for a JSON constraint; for a
+    structural tag (tool calls), at most one whitespace character in a row inside each JSON content
+    (xgrammar's ``max_whitespace_cnt``)."""
+    if spec.json is not None or spec.json_object:
+        return spec.replace(disable_any_whitespace=True)
+    if spec.structural_tag is None:
+        return spec
+    tag = json.loads(spec.structural_tag)
+    _limit_whitespace(tag)
+    return spec.replace(structural_tag=json.dumps(tag))
+
+
+def _limit_whitespace(node: Any) -> None:
+    if isinstance(node, dict):
+        if node.get("type") == "json_schema" and node.get("max_whitespace_cnt") is None:
+            node["max_whitespace_cnt"] = 1
+        for value in node.values():
+            _limit_whitespace(value)
+    elif isinstance(node, list):
+        for value in node:
+            _limit_whitespace(value)
 
 
 def tool_call_arguments_as_objects(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -26,8 +26,9 @@ class ChatConfig(Struct):
     # structured outputs (a call always validates); "function" constrains the call's envelope only;
     # "auto" constrains required / named choices and tools marked strict
     tool_strict_level: Literal["auto", "function", "parameter"] = "parameter"
-    # response_format JSON without free whitespace (xgrammar's disable_any_whitespace): a small model
-    # at a high temperature cannot then spend its tokens on blanks
+    # JSON without runs of whitespace, in response_format outputs (xgrammar's disable_any_whitespace)
+    # and tool-call arguments (at most one blank in a row): a small model at a high temperature cannot
+    # then spend its tokens on blanks
     compact_json: bool = False
 
 

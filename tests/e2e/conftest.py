@@ -117,7 +117,7 @@ def tiny_deployment(tmp_path_factory) -> Deployment:
     dep = start_deployment(
         tmp_path_factory.mktemp("run"), "tiny",
         ["--set", "router.max_inflight=10", "--set", "engine.dtype=\"float32\"",
-         "--set", "engine.max_model_len=2048",
+         "--set", "engine.max_model_len=2048", "--set", "router.chat.compact_json=true",
          "--set", f"prefill.metrics_port={ports['prefill']}", "--set", f"decode.metrics_port={ports['decode']}"],
     )
     dep.metrics = {k: f"http://127.0.0.1:{p}/metrics" for k, p in ports.items()}

@@ -297,3 +297,44 @@ async def test_up_session_next_step_is_prefilled_on_its_decode_worker(tiny_deplo
     assert 224 * 2048 <= delta <= 256 * 2048
     assert local["choices"][0]["text"] == normal["choices"][0]["text"]
     assert local_accepted() == before + 1
+
+
+TOOL = {"type": "function", "function": {
+    "name": "lookup", "description": "Look a country's capital up",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["country"],
+                   "properties": {"country": {"type": "string", "enum": ["France", "Italy", "Norway"]}}}}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_up_tiny_runs_a_tool_loop_through_the_openai_client(tiny_deployment, stream) -> None:
+    """Even a random-weight model makes a valid call: the named choice is a grammar on both workers."""
+    import jsonschema
+    import openai
+
+    client = openai.OpenAI(base_url=f"{tiny_deployment.url}/v1", api_key="unused", timeout=300)
+    messages = [{"role": "user", "content": "What is the capital of Italy?"}]
+    kw = dict(model="kvrelay-tiny", messages=messages, tools=[TOOL], max_tokens=48, temperature=1.0,
+              tool_choice={"type": "function", "function": {"name": "lookup"}})
+    if stream:
+        pieces, finish = {}, None
+        for chunk in client.chat.completions.create(stream=True, **kw):
+            for tc in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+                call = pieces.setdefault(tc.index, {"id": tc.id, "name": "", "arguments": ""})
+                call["name"] += (tc.function.name or "") if tc.function else ""
+                call["arguments"] += (tc.function.arguments or "") if tc.function else ""
+            finish = (chunk.choices[0].finish_reason if chunk.choices else None) or finish
+        call = pieces[0]
+    else:
+        reply = client.chat.completions.create(**kw)
+        finish, tc = reply.choices[0].finish_reason, reply.choices[0].message.tool_calls[0]
+        call = {"id": tc.id, "name": tc.function.name, "arguments": tc.function.arguments}
+    assert finish == "stop" and call["id"] and call["name"] == "lookup"
+    jsonschema.validate(json.loads(call["arguments"]), TOOL["function"]["parameters"])
+    messages += [{"role": "assistant", "content": None,
+                  "tool_calls": [{"id": call["id"], "type": "function",
+                                  "function": {"name": "lookup", "arguments": call["arguments"]}}]},
+                 {"role": "tool", "tool_call_id": call["id"], "content": "Rome"}]
+    final = client.chat.completions.create(model="kvrelay-tiny", messages=messages, tools=[TOOL],
+                                           tool_choice="none", max_tokens=8, temperature=0)
+    assert final.choices[0].finish_reason in ("stop", "length") and not final.choices[0].message.tool_calls
+    assert final.usage.prompt_tokens > len(messages)
