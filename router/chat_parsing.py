@@ -11,7 +11,8 @@ content and tool calls, streamed or whole. The constraint travels to the workers
 
 The responses follow vLLM's server (``vllm/entrypoints/openai/chat_completion/serving.py``):
 ``finish_reason`` is ``"tool_calls"`` when the tool parser found calls (``tool_choice`` auto) or
-``tool_choice="required"`` stopped normally; a named tool's call finishes with ``"stop"``;
+``tool_choice="required"`` stopped normally; a named tool's call finishes with ``"stop"``; an
+output cut at ``max_tokens`` keeps ``"length"`` (as vLLM's streamed responses do);
 ``parallel_tool_calls=false`` keeps the first call. Reasoning is returned as ``reasoning_content``
 (DeepSeek's name, read by most clients) and ``reasoning`` (vLLM's).
 
@@ -35,6 +36,8 @@ log = get_logger(__name__)
 
 LOAD_TIMEOUT_S = 300.0  # importing vLLM's serving modules on a loaded 2-core machine
 _KEYS = ("tools", "tool_choice", "response_format")
+HARMONY_TOOL_PARSERS = ("openai",)  # vLLM's GptOssToolParser
+HARMONY_REASONING_PARSERS = ("openai_gptoss",)  # vLLM's GptOssReasoningParser
 
 
 def effective(name: str) -> str:
@@ -59,6 +62,12 @@ class ChatFeatures:
     @property
     def configured(self) -> bool:
         return bool(self.tool_parser or self.reasoning_parser)
+
+    @property
+    def harmony(self) -> bool:
+        """gpt-oss's parsers ("openai", "openai_gptoss") are stubs that parse only inside vLLM's
+        ``HarmonyParser`` (vLLM's server picks it by the model type gpt_oss): naming one means harmony."""
+        return self.tool_parser in HARMONY_TOOL_PARSERS or self.reasoning_parser in HARMONY_REASONING_PARSERS
 
     def wanted(self, body: dict[str, Any]) -> bool:
         """Whether this chat body needs a plan (parsing or a constraint)."""
@@ -98,7 +107,7 @@ class ChatFeatures:
             self._parser_cls = ParserManager.get_parser(
                 tool_parser_name=self.tool_parser or None, reasoning_parser_name=self.reasoning_parser or None,
                 enable_auto_tools=bool(self.tool_parser), tool_strict_level=self.cfg.tool_strict_level,
-                tokenizer=self.tokenizer)
+                is_harmony=self.harmony, tokenizer=self.tokenizer)
         log.info("chat_parsing_loaded", tool_parser=self.tool_parser, reasoning_parser=self.reasoning_parser)
 
     async def plan(self, body: dict[str, Any]) -> ChatPlan:
@@ -140,6 +149,8 @@ class ChatPlan:
     def finish_reason(self, worker_reason: str | None, tools_called: bool) -> str:
         """OpenAI's finish reason, as vLLM's server gives it."""
         reason = worker_reason if worker_reason in ("stop", "length") else "stop"
+        if reason == "length":  # cut off: said so, whatever was parsed before the cut
+            return reason
         if (tools_called and not self.named and self.auto_tools) or (self.required and reason == "stop"):
             return "tool_calls"
         return reason

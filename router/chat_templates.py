@@ -13,29 +13,34 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# Every newline is printed by an expression: transformers renders templates with trim_blocks and
+# lstrip_blocks, which drop a newline written as text right after a {% tag %} (and {%- strips the
+# text before it), so text newlines next to tags would vanish ("<|im_end|><|im_start|>user").
 CHATML_TOOLS = (
     "{%- set default_system = 'You are a helpful AI assistant named SmolLM, trained by Hugging Face' -%}"
     "{%- if messages and messages[0]['role'] == 'system' -%}"
     "{%- set system = messages[0]['content'] -%}{%- set rest = messages[1:] -%}"
     "{%- else -%}{%- set system = default_system -%}{%- set rest = messages -%}{%- endif -%}"
-    "<|im_start|>system\n{{ system }}"
-    "{%- if tools %}\n\nYou may call one or more functions to assist with the user query. You are provided "
-    "with function signatures within <tools></tools> XML tags:\n<tools>\n"
-    "{%- for tool in tools %}\n{{ (tool.function if tool.function is defined else tool) | tojson }}{% endfor %}\n"
-    "</tools>\n\nFor each function call, return a json object with function name and arguments within "
-    "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
-    "<args-json-object>}\n</tool_call>{%- endif %}<|im_end|>\n"
-    "{%- for message in rest %}"
-    "{%- if message['role'] == 'assistant' %}<|im_start|>assistant\n{{ message['content'] or '' }}"
-    "{%- for call in message.get('tool_calls') or [] %}{%- set fn = call.function %}<tool_call>\n"
-    "{\"name\": \"{{ fn.name }}\", \"arguments\": "
-    "{%- if fn.arguments is string %} {{ fn.arguments }}{% else %} {{ fn.arguments | tojson }}{% endif %}}"
-    "\n</tool_call>{%- endfor %}<|im_end|>\n"
-    "{%- elif message['role'] == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message['content'] }}\n"
-    "</tool_response><|im_end|>\n"
-    "{%- else %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{%- endif %}"
+    "{{- '<|im_start|>system\\n' + system }}"
+    "{%- if tools %}{{ '\\n\\nYou may call one or more functions to assist with the user query. You are provided "
+    "with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{%- for tool in tools %}{{ '\\n' }}{{ (tool.function if tool.function is defined else tool) | tojson }}"
     "{%- endfor %}"
-    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "{{ '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}\\n</tool_call>' }}{%- endif %}{{ '<|im_end|>\\n' }}"
+    "{%- for message in rest %}"
+    "{%- if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}{{ message['content'] or '' }}"
+    "{%- for call in message.get('tool_calls') or [] %}{%- set fn = call.function %}"
+    "{{ '<tool_call>\\n{\"name\": \"' }}{{ fn.name }}{{ '\", \"arguments\": ' }}"
+    "{%- if fn.arguments is string %}{{ fn.arguments }}{% else %}{{ fn.arguments | tojson }}{% endif %}"
+    "{{ '}\\n</tool_call>' }}{%- endfor %}{{ '<|im_end|>\\n' }}"
+    "{%- elif message['role'] == 'tool' %}{{ '<|im_start|>user\\n<tool_response>\\n' }}{{ message['content'] }}"
+    "{{ '\\n</tool_response><|im_end|>\\n' }}"
+    "{%- else %}{{ '<|im_start|>' + message['role'] + '\\n' }}{{ message['content'] }}{{ '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
 BUILTIN = {"chatml-tools": CHATML_TOOLS}

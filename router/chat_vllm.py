@@ -37,8 +37,11 @@ def make_plan(body: dict[str, Any], parser_cls: Any, tokenizer: Any, auto_tools:
         request = ChatCompletionRequest.model_validate({k: body[k] for k in _FIELDS if k in body})
     except PydanticError as exc:
         raise _bad(exc) from exc
-    except (VLLMValidationError, ValueError) as exc:
+    except VLLMValidationError as exc:
+        raise BadRequest(str(exc), param=exc.parameter) from exc
+    except ValueError as exc:
         raise BadRequest(str(exc)) from exc
+    _check_format(request)
     choice = request.tool_choice
     if request.tools and choice == "auto" and not auto_tools:
         raise BadRequest('tool_choice "auto" needs a tool parser: this server runs without one '
@@ -62,6 +65,20 @@ def make_plan(body: dict[str, Any], parser_cls: Any, tokenizer: Any, auto_tools:
         tools = None  # vLLM's --exclude-tools-when-tool-choice-none: the model is not shown them
     return ChatPlan(request, parser, auto_tools, structured_spec(params), bool(request.skip_special_tokens),
                     tools)
+
+
+def _check_format(request: ChatCompletionRequest) -> None:
+    """``response_format`` on its own, before a tool parser folds it into the tools' constraint (its
+    errors would then read as the tools')."""
+    fmt = request.response_format
+    if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None \
+            and fmt.json_schema.json_schema is None:
+        raise BadRequest("response_format: json_schema needs a 'schema' (the JSON schema of the output)",
+                         param="response_format")
+    try:
+        request.extract_structured_outputs()
+    except (VLLMValidationError, ValueError) as exc:
+        raise BadRequest(f"response_format: {exc}", param="response_format") from exc
 
 
 def structured_spec(params: Any) -> StructuredSpec | None:

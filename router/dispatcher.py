@@ -132,7 +132,7 @@ class Dispatcher:
         except SchemaError:
             return
         flight = self.flights.get(cancel.request_id)
-        if flight is not None:
+        if flight is not None and flight.tenant == msg.subject.split(".")[-2]:  # only its tenant's cancel
             flight.cancelled(cancel.reason)
             self.admission.cancel(cancel.request_id, cancel.reason)
 
@@ -393,7 +393,7 @@ class Flight:
                 await self._sub.unsubscribe()
         if cancel and not self.finished and self._maybe_taken:
             try:
-                await d.bus.publish(d.bus.subjects.cancel(self.request_id),
+                await d.bus.publish(d.bus.subjects.cancel(self.tenant, self.request_id),
                                     Cancel(request_id=self.request_id, reason=reason[:256]))
             except BusUnavailable as exc:
                 log.warning("cancel_publish_failed", request_id=self.request_id, error=str(exc))

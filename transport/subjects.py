@@ -93,13 +93,26 @@ class Subjects:
     def kv_release(self, worker_id: str) -> str:
         return f"{self.root}.kv.release.{check_token(worker_id, 'worker id')}"
 
+    def client(self, tenant: str) -> str:
+        """The prefix of a tenant's stream subjects (``<prefix>.<anything>``): with tenants
+        configured, a tenant may subscribe there and nowhere else in kvrelay's space."""
+        return f"{self.root}.client.{check_token(tenant, 'tenant')}"
+
+    @staticmethod
+    def inbox_prefix(tenant: str) -> str:
+        """The inbox prefix a tenant's NATS connection must use (nats-py ``inbox_prefix``): its
+        JetStream publish acks arrive there."""
+        return f"_INBOX_{check_token(tenant, 'tenant')}"
+
     # --- control ---------------------------------------------------------------------------------
-    def cancel(self, request_id: str) -> str:
-        return f"{self.root}.cancel.{check_token(request_id, 'request id')}"
+    def cancel(self, tenant: str, request_id: str) -> str:
+        """Cancel one request: a tenant may publish only on its own ``cancel.<tenant>.*``, and
+        workers and routers honour it only for that tenant's requests."""
+        return f"{self.root}.cancel.{check_token(tenant, 'tenant')}.{check_token(request_id, 'request id')}"
 
     @property
     def cancel_all(self) -> str:
-        return f"{self.root}.cancel.*"
+        return f"{self.root}.cancel.*.*"
 
     # --- JetStream names (streams, consumers and buckets allow no dots) -----------------------------
     @property

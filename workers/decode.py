@@ -51,6 +51,7 @@ from kvrelay.workers.pull import (
 )
 from kvrelay.workers.service import (
     RecentIds,
+    cancel_key,
     Stream,
     emit,
     engine_failed,
@@ -77,7 +78,7 @@ class Active(Stream):
     @classmethod
     def pulled(cls, done: PrefillDone, msg: Msg) -> Active:  # the prefill worker sent seq 0
         return cls(done=done, msg=msg, pulled_at=time.monotonic(), request_id=done.request_id,
-                   subject=done.stream_subject, deadline_ms=done.deadline_ms,
+                   subject=done.stream_subject, tenant=done.tenant, deadline_ms=done.deadline_ms,
                    prompt_tokens=len(done.prompt_token_ids), cached_tokens=done.cached_tokens,
                    seq=1, completion_tokens=1)
 
@@ -184,16 +185,17 @@ class DecodeService(WorkerService):
             return 0
         act = Active.pulled(done, msg)
         left = remaining_s(done.deadline_ms)
-        if rid in self.cancelled or (left is not None and left <= 0):
+        cancelled = cancel_key(done.tenant, rid) in self.cancelled
+        if cancelled or (left is not None and left <= 0):
             with bound(request_id=rid):
                 act.settled = True
                 await settle(msg, "term")
-                if rid in self.cancelled:
+                if cancelled:
                     await self.end_error(act, "cancelled", "request cancelled", 499, "abort")
                 else:
                     await self.end_error(act, "timeout", "deadline passed before decode started", 504)
                 await self._release(act, "dropped")
-            m.DECODE_REQUESTS.labels("cancelled" if rid in self.cancelled else "timeout").inc()
+            m.DECODE_REQUESTS.labels("cancelled" if cancelled else "timeout").inc()
             return 0
         self._start(act, self._request(act), f"req-{rid}")
         return 1
@@ -281,9 +283,9 @@ class DecodeService(WorkerService):
         await emit(self.bus, self.subjects.kv_release(d.prefill_worker), rel, "release")
 
     # --- any request: pulled, or a local prefill (workers/local_prefill.py) ------------------------
-    def knows(self, request_id: str) -> bool:
+    def knows(self, request_id: str, tenant: str) -> bool:
         """Whether ``request_id`` runs here or was cancelled."""
-        return request_id in self.active or request_id in self.cancelled
+        return request_id in self.active or cancel_key(tenant, request_id) in self.cancelled
 
     def admit_local(self, act: Stream, run: Callable[[], Coroutine[Any, Any, None]]) -> bool:
         """Take a slot for a local prefill (borrowing one a pull holds in reserve: ``DecodeSlots``)
@@ -360,10 +362,10 @@ class DecodeService(WorkerService):
         m.DECODE_REQUESTS.labels(outcome).inc()
 
     # --- cancellation and reporting --------------------------------------------------------------
-    async def _cancel(self, rid: str) -> None:
-        self.cancelled.add(rid)
+    async def _cancel(self, rid: str, tenant: str) -> None:
+        self.cancelled.add(cancel_key(tenant, rid))
         act = self.active.get(rid)
-        if act is not None and not act.cancelled:
+        if act is not None and act.tenant == tenant and not act.cancelled:
             act.cancelled = True
             await self.abort(rid)
 

@@ -69,8 +69,10 @@ class WorkerService:
         """Let the work in hand finish, bounded; whatever is left is cancelled afterwards."""
         raise NotImplementedError
 
-    async def _cancel(self, request_id: str) -> None:
-        """A Cancel for ``request_id`` arrived."""
+    async def _cancel(self, request_id: str, tenant: str) -> None:
+        """A Cancel for ``request_id`` arrived on ``tenant``'s cancel subject: it counts only for a
+        request of that tenant (the subject, not the body, says who sent it: nats-server lets a
+        tenant publish on its own cancel subjects only)."""
         raise NotImplementedError
 
     def _load(self) -> dict[str, Any]:
@@ -124,7 +126,11 @@ class WorkerService:
         except ValueError as exc:
             log.warning("bad_cancel", error=str(exc))
             return
-        await self._cancel(cancel.request_id)
+        tenant = msg.subject.split(".")[-2]
+        if cancel.request_id != msg.subject.rsplit(".", 1)[-1]:
+            log.warning("bad_cancel", error="the body names another request than the subject")
+            return
+        await self._cancel(cancel.request_id, tenant)
 
     # --- reporting ------------------------------------------------------------------------------
     def info(self) -> WorkerInfo:

@@ -62,7 +62,7 @@ class LocalActive(Stream):
 
     @classmethod
     def of(cls, task: PrefillTask) -> LocalActive:
-        return cls(job=task, started_at=time.monotonic(), request_id=task.request_id,
+        return cls(job=task, started_at=time.monotonic(), request_id=task.request_id, tenant=task.tenant,
                    subject=task.stream_subject, deadline_ms=task.deadline_ms,
                    prompt_tokens=len(task.prompt_token_ids))
 
@@ -97,7 +97,7 @@ class LocalPrefills:
         if svc.draining:
             return _refuse("draining", "the decode worker is stopping")
         rid = task.request_id
-        if svc.knows(rid):
+        if svc.knows(rid, task.tenant):
             return _refuse("invalid", f"request {rid!r} is already here or was cancelled")
         left = remaining_s(task.deadline_ms)
         if left is not None and left <= 0:

@@ -291,16 +291,16 @@ class PrefillService(WorkerService):
                 log.info("leases_expired", count=n)
                 self._changed.set()
 
-    async def _cancel(self, rid: str) -> None:
-        """Drop a queued task (its stream ends "cancelled"), or abort a running one."""
-        item = self.queue.remove(rid)
+    async def _cancel(self, rid: str, tenant: str) -> None:
+        """Drop a queued task (its stream ends "cancelled"), or abort a running one: of ``tenant``."""
+        item = self.queue.remove(rid, tenant)
         if item is not None:
             self._gauges()
             self._changed.set()
             await self._cancelled(item.task, 0)
             return
         run = self.running.get(rid)
-        if run is not None and not run.cancelled:
+        if run is not None and run.item.task.tenant == tenant and not run.cancelled:
             run.cancelled = True
             await self.abort(rid)
 

@@ -96,8 +96,12 @@ class PrefillQueue:
         self._forget(item)
         return item
 
-    def remove(self, request_id: str) -> Queued | None:
-        item = self._items.pop(request_id, None)
+    def remove(self, request_id: str, tenant: str | None = None) -> Queued | None:
+        """Take a task out (only ``tenant``'s, when given)."""
+        item = self._items.get(request_id)
+        if item is None or (tenant is not None and item.task.tenant != tenant):
+            return None
+        del self._items[request_id]
         if item is not None:
             self._forget(item)
         return item

@@ -52,6 +52,7 @@ class Stream:
 
     request_id: str
     subject: str  # where its chunks go
+    tenant: str = ""  # a Cancel counts only on its own tenant's subject
     deadline_ms: int
     prompt_tokens: int
     cached_tokens: int = 0
@@ -60,6 +61,11 @@ class Stream:
     task: asyncio.Task[Any] | None = None  # its runner (the service awaits it when stopping)
     ended: bool = False  # the final chunk went out
     cancelled: bool = False
+
+
+def cancel_key(tenant: str, request_id: str) -> str:
+    """A request as a Cancel names it: the same id may be used by two tenants."""
+    return f"{tenant}.{request_id}"
 
 
 def error_chunk(request_id: str, seq: int, worker: str, code: str, message: str, status: int,

@@ -239,7 +239,7 @@ async def test_http_all_workers_reject_is_429_with_retry_after_when_nothing_may_
     assert [len(w.tasks) for w in workers] == [1, 1]
     # refused everywhere: nothing to cancel. A marker sent after it on the router's own connection
     # arrives after any Cancel the router sent (one connection keeps its order): it comes alone.
-    await router.bus.publish(router.bus.subjects.cancel("marker"), Cancel(request_id="marker"))
+    await router.bus.publish(router.bus.subjects.cancel("default", "marker"), Cancel(request_id="marker"))
     await cluster.wait_until(lambda: all(w.cancels for w in workers), what="the marker")
     assert [w.cancels for w in workers] == [["marker"], ["marker"]]
 

@@ -186,7 +186,7 @@ async def test_intake_client_cancel_frees_the_routers_slot(cluster: Cluster) -> 
     await client.send(req)
     await asyncio.wait_for(worker.got_task.wait(), 10)
     await cluster.wait_until(lambda: req.request_id in router.dispatcher.flights, what="flight open")
-    await client.bus.publish(client.bus.subjects.cancel(req.request_id), Cancel(request_id=req.request_id))
+    await client.bus.publish(client.bus.subjects.cancel("acme", req.request_id), Cancel(request_id=req.request_id))
     await cluster.wait_until(lambda: len(router.dispatcher.table) == 0, what="slot freed")
     await cluster.wait_until(lambda: router.metrics.requests.labels("nats", "cancelled")._value.get() == 1,
                              what="counted as cancelled")

@@ -154,7 +154,7 @@ async def test_local_prefill_full_decode_worker_falls_back_to_the_prefill_path(c
         busy = _sample(router, "kvrelay_router_session_lookups_total", result="worker_busy")
         assert refused + busy == 1
         assert not pending.done()  # ... and waits in the work queue for a decode slot
-        await bus.publish(bus.subjects.cancel("holder"), Cancel(request_id="holder"))
+        await bus.publish(bus.subjects.cancel("default", "holder"), Cancel(request_id="holder"))
         two = await asyncio.wait_for(pending, 60)
     finally:
         pending.cancel()

@@ -116,7 +116,7 @@ async def test_stream_local_full_worker_refuses_and_pulled_work_waits_for_the_sl
         q_chunks = await Collector.open(bus, queued.stream_subject, TokenChunk)
         await bus.js_publish(bus.subjects.prefilled, queued)
         assert "q1" not in engine._aborts  # pulled work does not start past max_slots
-        await bus.publish(bus.subjects.cancel("hold"), Cancel(request_id="hold"))
+        await bus.publish(bus.subjects.cancel("t", "hold"), Cancel(request_id="hold"))
         rest = await held.until_final()
         assert rest[-1].finish_reason == "abort"
         q_out = await q_chunks.until_final()  # the slot came free: the queued request runs
@@ -170,13 +170,13 @@ async def test_decode_service_admit_local_takes_slots_until_full_and_end_local_g
     try:
         assert svc.admit_local(acts[0], lambda: run(acts[0]))
         assert svc.admit_local(acts[1], lambda: run(acts[1]))
-        assert svc.knows("r0") and svc.knows("r1")
+        assert svc.knows("r0", "t") and svc.knows("r1", "t")
         assert not svc.admit_local(acts[2], lambda: run(acts[2]))  # full: nothing started
-        assert not svc.knows("r2") and acts[2].task is None
+        assert not svc.knows("r2", "t") and acts[2].task is None
         stops = _count("kvrelay_decode_requests_total", outcome="stop")
         gate.set()
         await asyncio.wait_for(asyncio.gather(acts[0].task, acts[1].task), 10)
-        assert not svc.knows("r0") and not svc.knows("r1")
+        assert not svc.knows("r0", "t") and not svc.knows("r1", "t")
         assert (svc.slots.used, svc.slots.borrowed) == (0, 0)
         assert _count("kvrelay_decode_requests_total", outcome="stop") - stops == 2
         assert svc.admit_local(acts[2], lambda: run(acts[2]))  # a slot came back

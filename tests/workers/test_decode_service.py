@@ -194,7 +194,7 @@ async def test_decode_cancel_aborts_a_running_request(bus, bus_config, namespace
         chunks = await Collector.open(bus, d.stream_subject, TokenChunk)
         await bus.js_publish(bus.subjects.prefilled, d)
         assert [(await chunks.next()).seq for _ in range(2)] == [1, 2]
-        await bus.publish(bus.subjects.cancel("r1"), Cancel(request_id="r1"))
+        await bus.publish(bus.subjects.cancel("t", "r1"), Cancel(request_id="r1"))
         end = await chunks.next()
         assert end.seq == 3 and end.finish_reason == "abort"
         assert end.usage is not None and end.usage.completion_tokens == 3

@@ -46,8 +46,8 @@ class Role(WorkerService):
         self.drain_entered.set()
         await asyncio.wait_for(self.finish_drain.wait(), 30)
 
-    async def _cancel(self, request_id: str) -> None:
-        self.cancels.put_nowait(request_id)
+    async def _cancel(self, request_id: str, tenant: str) -> None:
+        self.cancels.put_nowait((tenant, request_id))
 
     def _load(self) -> dict[str, Any]:
         return {"active": 2, "queued": 1, "free_kv_blocks": 7}
@@ -109,9 +109,11 @@ async def test_worker_service_cancel_reaches_the_role_and_a_bad_cancel_is_ignore
     svc = Role(bus, FakeDecodeEngine())
     await svc.start()
     try:
-        await bus.nc.publish(bus.subjects.cancel("junk"), b"not a cancel")
-        await bus.publish(bus.subjects.cancel("r1"), Cancel(request_id="r1"))
-        assert await asyncio.wait_for(svc.cancels.get(), 10) == "r1"  # the junk came first, unheard
+        await bus.nc.publish(bus.subjects.cancel("t", "junk"), b"not a cancel")
+        await bus.publish(bus.subjects.cancel("t", "r0"), Cancel(request_id="r9"))  # names another request
+        await bus.publish(bus.subjects.cancel("t", "r1"), Cancel(request_id="r1"))
+        # the junk and the mismatch came first, unheard; the role hears the subject's tenant
+        assert await asyncio.wait_for(svc.cancels.get(), 10) == ("t", "r1")
         assert svc.cancels.empty()
     finally:
         svc.finish_drain.set()

@@ -233,10 +233,10 @@ async def test_prefill_cancel_drops_queued_and_aborts_running(bus, bus_config, n
         assert (await dispatch(bus, a)).accepted
         await engine.until(lambda: engine.started == ["a"])
         assert (await dispatch(bus, b)).accepted
-        await bus.publish(bus.subjects.cancel("b"), Cancel(request_id="b"))
+        await bus.publish(bus.subjects.cancel("t", "b"), Cancel(request_id="b"))
         end_b = await cb.next()
         assert end_b.finish_reason == "abort" and end_b.error is not None and end_b.error.code == "cancelled"
-        await bus.publish(bus.subjects.cancel("a"), Cancel(request_id="a"))
+        await bus.publish(bus.subjects.cancel("t", "a"), Cancel(request_id="a"))
         end_a = await ca.next()
         assert end_a.seq == 0 and end_a.finish_reason == "abort" and end_a.error.code == "cancelled"
         assert engine.aborted == ["a"] and engine.started == ["a"]
