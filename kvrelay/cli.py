@@ -3,12 +3,14 @@
     kvrelay up [--model smollm2|tiny|PATH] [--prefill N] [--decode M] [--http-port P] [--nats-url URL]
     kvrelay nats | router | prefill | decode      one component, against --nats-url
     kvrelay model prepare smollm2|tiny           convert / build a model folder once (cached)
+    kvrelay tenants add NAME --file F | nats-config   tenants' secrets; a nats-server config for them
     kvrelay bench ...                              benchmarks (see README)
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import asyncio
 import os
 import signal
@@ -43,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--http-host", default="127.0.0.1")
     up.add_argument("--nats-port", type=int, default=0, help="embedded nats-server port (0 = free port)")
     up.add_argument("--engine", choices=["vllm", "sim"], default="vllm")
+    up.add_argument("--tenants", default=None, help="tenants file: API keys, NATS users, quotas (router.tenants_file)")
 
     nats = sub.add_parser("nats", help="run an embedded nats-server with JetStream")
     nats.add_argument("--port", type=int, default=4222)
@@ -69,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    from kvrelay.tenants_cli import add_parsers
+
+    add_parsers(sub)
     return ap
 
 
@@ -86,6 +92,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         values.setdefault("router", {})["http_port"] = args.http_port
     if getattr(args, "http_host", None):
         values.setdefault("router", {})["http_host"] = args.http_host
+    if getattr(args, "tenants", None):
+        values.setdefault("router", {})["tenants_file"] = str(Path(args.tenants).absolute())
     if getattr(args, "engine", None):
         values.setdefault("engine", {})["kind"] = args.engine
     wid = getattr(args, "worker_id", None)
@@ -173,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(resolve(args.name))
             return 0
+        if args.command in ("tenants", "nats-config"):
+            from kvrelay.tenants_cli import main as tenants_main
+
+            return tenants_main(args)
         if args.command == "bench":
             from kvrelay.loadtest.cli import main as bench_main
 

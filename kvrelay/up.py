@@ -24,7 +24,11 @@ from kvrelay.base import envs
 from kvrelay.base.tasks import cancel_and_wait
 from kvrelay.config import Config
 from kvrelay.supervisor import RestartPolicy, SuperviseConfig
+from kvrelay.schemas.tenants import TenantsError, load_tenants
+from kvrelay.transport.auth import authorization, make_service_secrets
+from kvrelay.transport.auth import render as render_authorization
 from kvrelay.transport.server import NatsServer, die_with_parent
+from kvrelay.transport.subjects import Subjects
 
 GRACE_S = 20.0
 
@@ -83,13 +87,22 @@ def core_plan(n_prefill: int, n_decode: int, n_cores: int) -> list[str]:
     return [str(i % max(1, n_cores)) for i in range(n_prefill + n_decode)]
 
 
-def _children(cfg_path: Path, args: argparse.Namespace, log_dir: Path, cfg: Config) -> list[Child]:
+def _identity(role: str, secrets_dir: Path | None) -> list[str]:
+    """A child's NATS service identity (a secured embedded server): its user and password file."""
+    if secrets_dir is None:
+        return []
+    return ["--set", f"bus.user=\"{role}\"", "--set", f"bus.password_file=\"{secrets_dir / (role + '.password')}\""]
+
+
+def _children(cfg_path: Path, args: argparse.Namespace, log_dir: Path, cfg: Config,
+              secrets_dir: Path | None = None) -> list[Child]:
     base = [sys.executable, "-P", "-m", "kvrelay.cli"]  # -P: never import from the working directory
-    out = [Child("router", base + ["router", "--config", str(cfg_path), "--id", "router-0"], log_dir / "router.log")]
+    out = [Child("router", base + ["router", "--config", str(cfg_path), "--id", "router-0",
+                                   *_identity("router", secrets_dir)], log_dir / "router.log")]
     roles = [("prefill", i) for i in range(args.prefill)] + [("decode", i) for i in range(args.decode)]
     cores = core_plan(args.prefill, args.decode, os.cpu_count() or 1)
     for (role, i), core in zip(roles, cores):
-        argv = base + [role, "--config", str(cfg_path), "--id", f"{role}-{i}"]
+        argv = base + [role, "--config", str(cfg_path), "--id", f"{role}-{i}", *_identity(role, secrets_dir)]
         if not cfg.engine.cpu_bind:
             argv += ["--set", f"engine.cpu_bind=\"{core}\""]
         out.append(Child(f"{role}-{i}", argv, log_dir / f"{role}-{i}.log"))
@@ -187,14 +200,16 @@ async def _up(cfg: Config, args: argparse.Namespace, stop: asyncio.Event) -> int
     log_dir.mkdir(parents=True, exist_ok=True)
     server = None
     nats_url = cfg.bus.url if args.nats_url else ""
+    auth = BusAuth(cfg, run_dir) if cfg.router.tenants_file and not nats_url else None
     if not nats_url:
-        server = NatsServer(port=args.nats_port)
+        server = NatsServer(port=args.nats_port, authorization=auth.render() if auth else "")
         nats_url = server.start()  # main thread: the child's death signal follows this thread
-        print(f"kvrelay: nats-server on {nats_url}", flush=True)
+        print(f"kvrelay: nats-server on {nats_url}" + (" (tenants: authorization on)" if auth else ""), flush=True)
     cfg = cfg.replace(bus=cfg.bus.replace(url=nats_url))
     cfg_path = run_dir / "up-config.json"
     cfg_path.write_text(json.dumps(cfg.to_mapping(), indent=2))
-    children = _children(cfg_path, args, log_dir, cfg)
+    children = _children(cfg_path, args, log_dir, cfg, auth.secrets_dir if auth else None)
+    watch = asyncio.create_task(auth.watch(server)) if auth and server else None
     env = dict(os.environ, KVRELAY_LOG_FORMAT="json", PYTHONUNBUFFERED="1")
     try:
         for c in children:
@@ -211,6 +226,9 @@ async def _up(cfg: Config, args: argparse.Namespace, stop: asyncio.Event) -> int
         print(_banner(cfg, nats_url, log_dir, started), flush=True)
         return await _supervise(children, stop, env, cfg.supervise)
     finally:
+        if watch is not None:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
         print("kvrelay: stopping...", flush=True)
         # router first (stops intake), then workers, in parallel within each group
         await asyncio.gather(*(c.stop() for c in children if c.name == "router"))
@@ -218,6 +236,38 @@ async def _up(cfg: Config, args: argparse.Namespace, stop: asyncio.Event) -> int
         if server is not None:
             server.stop()
         print("kvrelay: stopped", flush=True)
+
+
+class BusAuth:
+    """The embedded nats-server's authorization from the tenants file: service identities (passwords
+    in ``<run>/secrets``, mode 0600) and a user per tenant; re-generated when the file changes."""
+
+    def __init__(self, cfg: Config, run_dir: Path) -> None:
+        self.path, self.subjects = cfg.router.tenants_file, Subjects(cfg.bus.namespace)
+        self.tenants = load_tenants(self.path)
+        self.secrets_dir = run_dir / "secrets"
+        self.services = make_service_secrets(self.secrets_dir)
+        self._mtime = os.stat(self.path).st_mtime
+
+    def render(self) -> str:
+        return render_authorization(authorization(self.tenants, self.subjects, self.services))
+
+    async def watch(self, server: NatsServer, every_s: float = 2.0) -> None:
+        """Reload the server's users when the tenants file changes (an invalid file is reported, the
+        last good one kept)."""
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                mtime = os.stat(self.path).st_mtime
+                if mtime == self._mtime:
+                    continue
+                self._mtime = mtime
+                self.tenants = load_tenants(self.path)
+            except (OSError, TenantsError) as exc:
+                print(f"kvrelay: tenants file not reloaded: {exc}", file=sys.stderr, flush=True)
+                continue
+            server.reload(self.render())
+            print(f"kvrelay: tenants reloaded ({len(self.tenants.tenants)})", flush=True)
 
 
 def up(args: argparse.Namespace) -> int:
@@ -229,6 +279,12 @@ def up(args: argparse.Namespace) -> int:
         print("kvrelay: --prefill and --decode must be at least 1", file=sys.stderr)
         return 2
     cfg = config_from_args(args)
+    if cfg.router.tenants_file:
+        try:
+            load_tenants(cfg.router.tenants_file)
+        except TenantsError as exc:
+            print(f"kvrelay: {exc}", file=sys.stderr)
+            return 2
     result: list[int] = []
 
     async def main(stop: asyncio.Event) -> None:

@@ -19,6 +19,8 @@ from kvrelay.router.dispatcher import Dispatcher, Hasher
 from kvrelay.router.chat_parsing import ChatFeatures
 from kvrelay.router.chat_templates import ChatTemplateError
 from kvrelay.router.http import HttpApi
+from kvrelay.router.tenants import Tenants
+from kvrelay.schemas.tenants import TenantsError
 from kvrelay.router.intake import Intake
 from kvrelay.router.metrics import RouterMetrics
 from kvrelay.router.policy import Policy
@@ -120,16 +122,26 @@ class Router:
                                                   rc.request_timeout_s)
             await self.shared_inflight.start()
         try:
+            self.tenants = Tenants(rc.tenants_file)
+        except TenantsError as exc:
+            raise RouterStartError(str(exc)) from exc
+        if self.tenants.enabled:
+            self.tasks.append(asyncio.create_task(self.tenants.watch(), name="tenants-watch"))
+        elif rc.http_host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("open_server_on_network", http_host=rc.http_host,
+                        warning="no router.tenants_file: anyone who reaches this address can use it; "
+                                "configure tenants (README: Tenants and security)")
+        try:
             self.chat = ChatFeatures(rc.chat, self.tokenizer.hf)
         except ChatTemplateError as exc:
             raise RouterStartError(str(exc)) from exc
         self.chat.preload()
         if rc.intake_enabled:
             self.intake = Intake(self.bus, self.dispatcher, self.tokenizer, rc, self.metrics, self.model_name,
-                                 self.chat)
+                                 self.chat, self.tenants)
             self.tasks.append(asyncio.create_task(self.intake.run(), name="intake"))
         self.http = HttpApi(rc, self.dispatcher, self.tokenizer, self.directory, self.metrics, self.model_name,
-                            self.chat)
+                            self.chat, self.tenants)
         self.url = await self.http.start()
 
     async def stop(self) -> None:

@@ -76,6 +76,9 @@ class RouterConfig(Struct):
     # a fetched request not acknowledged in this time is redelivered (router replica died)
     intake_ack_wait_s: float = limit(30.0, min=1.0, max=3600.0)
     default_tenant: str = limit("default", max_len=64)
+    # tenants (schemas/tenants.py): API keys, quotas; re-read when it changes. "" = an open server
+    # (every client is default_tenant or names one in X-Kvrelay-Tenant)
+    tenants_file: str = limit("", max_len=4096)
     # kv_aware policy (router/kv_policy.py): cost = kv_w_prefill * uncached prompt tokens
     # + kv_w_queue * (queued + in-flight prefill tokens) + kv_w_decode * active requests
     kv_w_prefill: float = limit(1.0, min=0.0, max=1e6)

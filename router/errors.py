@@ -3,9 +3,12 @@
     RouterError                 500 server_error
     ├── BadRequest              400 invalid_request_error (bad JSON, wrong type, out of range, ...)
     │   └── ContextTooLong      400 context_length_exceeded
+    ├── Unauthorized            401 missing or unknown API key (tenants configured)
+    ├── PermissionDenied        403 a key claiming another tenant, a stream subject outside the tenant's
     ├── ModelNotFound           404 model_not_found
     ├── PayloadTooLarge         413 request body over router.max_body_bytes
     ├── Overloaded              429 router at max_inflight or its admission queue full (router/admission.py)
+    │   └── QuotaExceeded       429 the tenant's in-flight or tokens-per-minute quota (router/tenants.py)
     ├── NoWorkersAvailable      503 no live prefill worker
     ├── DeadlineExceeded        504 no first token / no end before the request's deadline
     ├── Cancelled               499 a Cancel for the request was seen on the bus
@@ -54,6 +57,20 @@ class ContextTooLong(BadRequest):
     code = "context_length_exceeded"
 
 
+class Unauthorized(RouterError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+    bus_code = "unauthorized"
+
+
+class PermissionDenied(RouterError):
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+    bus_code = "forbidden"
+
+
 class ModelNotFound(RouterError):
     status = 404
     type = "invalid_request_error"
@@ -76,6 +93,13 @@ class Overloaded(RouterError):
 
     def __init__(self, message: str, *, retry_after_s: float = 1.0, **kw: object) -> None:
         super().__init__(message, retry_after_s=retry_after_s, **kw)  # type: ignore[arg-type]
+
+
+class QuotaExceeded(Overloaded):
+    """The tenant is over one of its quotas; ``code`` says which (``tenant_max_inflight``,
+    ``tenant_tokens_per_minute``)."""
+
+    bus_code = "quota"
 
 
 class NoWorkersAvailable(RouterError):

@@ -29,7 +29,9 @@ from kvrelay.router.metrics import CONTENT_TYPE, RouterMetrics
 from kvrelay.router.openai_api import Api, ParsedRequest, parse, session_id
 from kvrelay.router.openai_format import SSE_DONE, Shaper, sse, usage_dict
 from kvrelay.router.tokenizer import RouterTokenizer
-from kvrelay.schemas.messages import TokenChunk
+from kvrelay.router.tenants import Tenants
+from kvrelay.schemas.messages import SamplingSpec, TokenChunk
+from kvrelay.schemas.tenants import TenantSpec
 from kvrelay.transport.discovery import Directory
 from kvrelay.transport.subjects import check_token
 
@@ -73,8 +75,10 @@ class HttpApi:
     """The HTTP front of one router. ``start()`` returns the bound URL; ``stop()``."""
 
     def __init__(self, cfg: RouterConfig, dispatcher: Dispatcher, tokenizer: RouterTokenizer,
-                 directory: Directory, metrics: RouterMetrics, model_name: str, chat: ChatFeatures) -> None:
+                 directory: Directory, metrics: RouterMetrics, model_name: str, chat: ChatFeatures,
+                 tenants: Tenants) -> None:
         self.cfg, self.dispatcher, self.tokenizer, self.chat = cfg, dispatcher, tokenizer, chat
+        self.tenants = tenants
         self.directory, self.metrics, self.model_name = directory, metrics, model_name
         self.created = int(time.time())
         self._runner: web.AppRunner | None = None
@@ -134,6 +138,7 @@ class HttpApi:
     async def _complete(self, request: web.Request, api: Api) -> web.StreamResponse:
         rid = uuid.uuid4().hex
         outcome = "disconnected"  # unless set below: the handler was cancelled or the client reset
+        label = "unauthenticated"  # the tenant label of the metrics, once known
         try:
             with bound(request_id=rid):
                 try:
@@ -142,10 +147,13 @@ class HttpApi:
                     if parsed.model != self.model_name:
                         raise ModelNotFound(f"the model {parsed.model!r} does not exist; this server serves "
                                             f"{self.model_name!r}", param="model")
-                    flight = self.dispatcher.open(rid, self._tenant(request), self._timeout(request))
+                    tenant = self._tenant(request)
+                    label = tenant.name if tenant else "open"
+                    flight = self.dispatcher.open(rid, tenant.name if tenant else self._open_tenant(request),
+                                                  self._timeout(request))
                     reason = "client disconnected"
                     try:
-                        response, outcome = await self._run(request, parsed, flight, body)
+                        response, outcome = await self._run(request, parsed, flight, body, tenant)
                         return response
                     except RouterError as exc:
                         reason = exc.code
@@ -155,6 +163,8 @@ class HttpApi:
                 except RouterError as exc:
                     outcome = exc.code
                     return error_response(exc)
+                finally:
+                    self.metrics.tenant_requests.labels(label, outcome).inc()
         except Exception as exc:
             if not isinstance(exc, ConnectionResetError):
                 outcome = "internal_error"
@@ -175,7 +185,13 @@ class HttpApi:
         except (ValueError, RecursionError) as exc:
             raise BadRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
 
-    def _tenant(self, request: web.Request) -> str:
+    def _tenant(self, request: web.Request) -> TenantSpec | None:
+        """The request's tenant by its API key, with tenants configured; None on an open server."""
+        if not self.tenants.enabled:
+            return None
+        return self.tenants.from_http(request.headers.get("Authorization"), request.headers.get(TENANT_HEADER))
+
+    def _open_tenant(self, request: web.Request) -> str:
         tenant = request.headers.get(TENANT_HEADER, self.cfg.default_tenant)
         try:
             return check_token(tenant, "tenant")
@@ -228,8 +244,8 @@ class HttpApi:
                              f"{self.tokenizer.vocab_size}", param="prompt")
         return ids
 
-    async def _run(self, request: web.Request, parsed: ParsedRequest, flight: Flight, body: object
-                   ) -> tuple[web.StreamResponse, str]:
+    async def _run(self, request: web.Request, parsed: ParsedRequest, flight: Flight, body: object,
+                   tenant: TenantSpec | None) -> tuple[web.StreamResponse, str]:
         plan = await self._plan(parsed.api, body)
         ids = await self._tokens(parsed, plan)
         max_context = self.dispatcher.max_context(self.tokenizer.max_context)
@@ -238,6 +254,16 @@ class HttpApi:
         if plan is not None:
             plan.prompt_token_ids = ids
             sampling = sampling.replace(structured=plan.structured, skip_special_tokens=plan.skip_special_tokens)
+        if tenant is None:
+            return await self._serve(request, parsed, flight, ids, sampling, plan)
+        charged = self.tenants.admit(tenant, len(ids), sampling.max_tokens, self.metrics)
+        try:
+            return await self._serve(request, parsed, flight, ids, sampling, plan)
+        finally:
+            self.tenants.quotas.release(tenant, charged, charged)
+
+    async def _serve(self, request: web.Request, parsed: ParsedRequest, flight: Flight, ids: list[int],
+                     sampling: SamplingSpec, plan: ChatPlan | None) -> tuple[web.StreamResponse, str]:
         subject, session = self.dispatcher.bus.subjects.tokens(flight.request_id), self._session(request, parsed)
         ttl = self.cfg.kv_ttl_s if parsed.kv_ttl_s is None else parsed.kv_ttl_s
         await self.dispatcher.admission.place(flight, lambda: flight.dispatch(ids, sampling, subject, session, ttl))

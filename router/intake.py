@@ -38,12 +38,16 @@ from kvrelay.router.errors import (
     ModelNotFound,
     NoWorkersAvailable,
     Overloaded,
+    PermissionDenied,
+    QuotaExceeded,
     RouterError,
     WorkerLost,
 )
 from kvrelay.router.metrics import RouterMetrics
 from kvrelay.router.openai_api import fit_lengths
+from kvrelay.router.tenants import Tenants
 from kvrelay.router.tokenizer import RouterTokenizer
+from kvrelay.schemas.tenants import TenantSpec
 from kvrelay.schemas.codec import raw_body, unpack
 from kvrelay.schemas.errors import SchemaError
 from kvrelay.schemas.messages import MAX_ID_LEN, ChatMessage, ClientRequest, TokenChunk, ToolCallDelta
@@ -62,8 +66,9 @@ class Intake:
     """Consumes the request stream until cancelled; owns (cancels and awaits) its request tasks."""
 
     def __init__(self, bus: Bus, dispatcher: Dispatcher, tokenizer: RouterTokenizer, cfg: RouterConfig,
-                 metrics: RouterMetrics, model_name: str, chat: ChatFeatures) -> None:
+                 metrics: RouterMetrics, model_name: str, chat: ChatFeatures, tenants: Tenants) -> None:
         self.bus, self.dispatcher, self.tokenizer, self.chat = bus, dispatcher, tokenizer, chat
+        self.tenants = tenants
         self.cfg, self.metrics, self.model_name = cfg, metrics, model_name
         self._tasks: set[asyncio.Task] = set()
         self.ready = asyncio.Event()  # set once the stream and consumer exist
@@ -133,8 +138,26 @@ class Intake:
                 await self._send_error(subject, rid, 0, exc)
             await msg.term()
             return
+        try:
+            spec = self._authorize(req, tenant)
+        except RouterError as exc:  # no reply: the stream subject is not the tenant's to name
+            self.metrics.requests.labels("nats", exc.code).inc()
+            log.warning("intake_refused", tenant=tenant, error=exc.message)
+            await msg.term()
+            return
         with bound(request_id=req.request_id):
-            await self._serve(msg, req, tenant, arrival_ms)
+            await self._serve(msg, req, tenant, arrival_ms, spec)
+
+    def _authorize(self, req: ClientRequest, tenant: str) -> TenantSpec | None:
+        """With tenants: the subject's tenant (only it may publish there), and a stream subject in its space."""
+        if not self.tenants.enabled:
+            return None
+        spec = self.tenants.from_subject(tenant)
+        prefix = self.bus.subjects.client(tenant) + "."
+        if not req.stream_subject.startswith(prefix):
+            raise PermissionDenied(f"stream_subject must start with {prefix} (the subjects tenant {tenant!r} "
+                                   f"may subscribe to)")
+        return spec
 
     def _decode(self, data: bytes, tenant: str) -> ClientRequest:
         try:
@@ -148,7 +171,8 @@ class Intake:
             raise ModelNotFound(f"the model {req.model!r} does not exist; this server serves {self.model_name!r}")
         return req
 
-    async def _serve(self, msg: Delivery, req: ClientRequest, tenant: str, arrival_ms: int) -> None:
+    async def _serve(self, msg: Delivery, req: ClientRequest, tenant: str, arrival_ms: int,
+                     spec: TenantSpec | None) -> None:
         try:
             flight = self.dispatcher.open(req.request_id, tenant, req.timeout_s, arrival_ms)
         except Overloaded as exc:
@@ -157,9 +181,14 @@ class Intake:
         except RouterError as exc:
             await self._fail(msg, req, exc)
             return
+        charged = 0
         try:
             try:
-                plan = await self._dispatch(flight, req)
+                plan, charged = await self._dispatch(flight, req, spec)
+            except QuotaExceeded as exc:  # the tenant's limit: tell the client, do not retry
+                await flight.close(exc.code)
+                await self._fail(msg, req, exc)
+                return
             except (Overloaded, NoWorkersAvailable) as exc:
                 if flight.maybe_taken:  # a worker that did not answer may run it: never run it twice
                     await flight.close(exc.code)
@@ -179,10 +208,14 @@ class Intake:
                 await flight.close(cancel=False)  # the router stops; the workers still serve the client
                 raise
         finally:
+            if spec is not None and charged:
+                self.tenants.quotas.release(spec, charged, charged)
             await flight.close()
 
-    async def _dispatch(self, flight: Flight, req: ClientRequest) -> ChatPlan | None:
-        """Tokenize and dispatch; the request's chat plan when its output is parsed (then relayed)."""
+    async def _dispatch(self, flight: Flight, req: ClientRequest, spec: TenantSpec | None
+                        ) -> tuple[ChatPlan | None, int]:
+        """Tokenize, check the tenant's quotas and dispatch: the request's chat plan when its output is
+        parsed (then relayed), and the tokens charged to its tenant."""
         plan = None
         if req.messages is not None:
             body = chat_body(req)
@@ -205,10 +238,16 @@ class Intake:
             plan.prompt_token_ids = ids
             sampling = sampling.replace(structured=plan.structured, skip_special_tokens=plan.skip_special_tokens)
             subject = self.bus.subjects.tokens(flight.request_id)
-        await self.dispatcher.admission.place(
-            flight, lambda: flight.dispatch(ids, sampling, subject, req.session_id, ttl),
-            max_wait_s=self.cfg.intake_ack_wait_s / 2)  # acknowledged before the stream redelivers it
-        return plan
+        charged = self.tenants.admit(spec, len(ids), sampling.max_tokens, self.metrics) if spec else 0
+        try:
+            await self.dispatcher.admission.place(
+                flight, lambda: flight.dispatch(ids, sampling, subject, req.session_id, ttl),
+                max_wait_s=self.cfg.intake_ack_wait_s / 2)  # acknowledged before the stream redelivers it
+        except BaseException:
+            if spec is not None and charged:
+                self.tenants.quotas.release(spec, charged, charged)
+            raise
+        return plan, charged
 
     async def _relay(self, flight: Flight, req: ClientRequest, plan: ChatPlan) -> None:
         """Parse the workers' chunks and publish them, same ``seq``, to the client's subject."""
@@ -299,11 +338,12 @@ def relayed(chunk: TokenChunk, fields: dict, finish_reason: str | None) -> Token
 
 
 def check_reply_subject(subject: str, root: str) -> str:
-    """A client's stream subject: a plain subject, and none of kvrelay's own except ``tokens.*``."""
+    """A client's stream subject: a plain subject, and none of kvrelay's own but ``tokens.*`` and
+    ``client.<tenant>.*`` (with tenants, the router also checks the tenant is the subject's)."""
     check_subject(subject, "stream_subject")
-    if subject.startswith("kvrelay.") and not subject.startswith(f"{root}.tokens."):
-        raise ValueError(f"stream_subject {subject!r} is reserved: use {root}.tokens.<id> or a subject "
-                         f"outside kvrelay.*")
+    if subject.startswith("kvrelay.") and not subject.startswith((f"{root}.tokens.", f"{root}.client.")):
+        raise ValueError(f"stream_subject {subject!r} is reserved: use {root}.client.<tenant>.<id>, "
+                         f"{root}.tokens.<id> or a subject outside kvrelay.*")
     return subject
 
 

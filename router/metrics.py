@@ -46,6 +46,13 @@ class RouterMetrics:
         self.chunks_dropped = Counter("kvrelay_router_chunks_dropped_total",
                                       "Token chunks dropped: duplicate, late, undecodable or unexpected",
                                       ["reason"], registry=r)
+        # label "tenant": a configured tenant's name, or "open" without tenants (bounded by the config)
+        self.tenant_requests = Counter("kvrelay_router_tenant_requests_total",
+                                       "Requests by tenant and outcome (quota rejections included)",
+                                       ["tenant", "outcome"], registry=r)
+        self.tenant_tokens = Counter("kvrelay_router_tenant_tokens_total",
+                                     "Tokens admitted by tenant: prompt, and max_tokens asked",
+                                     ["tenant", "kind"], registry=r)
         self.streams_lost = Counter("kvrelay_router_streams_lost_total",
                                     "Requests ended by the router because their worker was gone (worker_lost) "
                                     "or their stream stalled (stream_stalled)", ["reason"], registry=r)

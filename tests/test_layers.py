@@ -26,7 +26,8 @@ FOLDERS = {
 }
 
 BOTTOM = ("kvrelay.base", "kvrelay.schemas", "kvrelay.kernels")
-TOP = ("kvrelay.cli", "kvrelay.config", "kvrelay.up", "kvrelay.supervisor", "kvrelay.models", "kvrelay.loadtest")
+TOP = ("kvrelay.cli", "kvrelay.config", "kvrelay.up", "kvrelay.supervisor", "kvrelay.models", "kvrelay.tenants_cli",
+       "kvrelay.loadtest")
 
 # package -> the packages it may import (besides itself). Bottom layer first, top layer last.
 ALLOWED: dict[str, tuple[str, ...]] = {

@@ -72,6 +72,9 @@ class Bus:
             log.warning("nats_error", error=repr(exc))
 
         nc = NatsClient()
+        auth = {}
+        if cfg.user:
+            auth = {"user": cfg.user, "password": _read_secret(cfg.password_file)}
         try:
             # the initial connect is bounded: nats-py would otherwise retry it forever
             await asyncio.wait_for(nc.connect(
@@ -83,6 +86,7 @@ class Bus:
                 reconnect_time_wait=0.5,
                 error_cb=on_error,
                 pending_size=64 << 20,
+                **auth,
             ), timeout=cfg.connect_timeout_s * 2)
         except (OSError, nats.errors.Error, asyncio.TimeoutError) as exc:
             if not nc.is_closed:
@@ -239,3 +243,13 @@ class Bus:
                 return await self.js.key_value(bucket)
         except (nats.errors.Error, asyncio.TimeoutError) as exc:
             raise BusUnavailable(f"cannot open the bucket {bucket}: {exc!r}") from exc
+
+
+def _read_secret(path: str) -> str:
+    """A password from a file (its first line); BusUnavailable when it cannot be read."""
+    if not path:
+        raise BusUnavailable("bus.user is set but bus.password_file is not")
+    try:
+        return open(path).read().splitlines()[0].strip()  # noqa: SIM115 (one read)
+    except (OSError, IndexError) as exc:
+        raise BusUnavailable(f"cannot read the NATS password from {path}: {exc}") from exc

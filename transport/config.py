@@ -25,6 +25,10 @@ class StreamLimits(Struct):
 @typed
 class BusConfig(Struct):
     url: str = limit("nats://127.0.0.1:4222", max_len=1024)
+    # NATS user and a file holding its password (a nats-server with authorization: kvrelay up --tenants
+    # writes one per service, mode 0600, in the run folder); "" = no authentication
+    user: str = limit("", max_len=256)
+    password_file: str = limit("", max_len=4096)
     namespace: str = limit("default", max_len=64)
     connect_timeout_s: float = limit(5.0, min=0.1, max=120.0)
     request_timeout_s: float = limit(2.0, min=0.05, max=60.0)

@@ -67,6 +67,7 @@ class NatsServer:
         max_payload: int = 8 << 20,
         max_memory_store: int = 1 << 30,
         max_file_store: int = 8 << 30,
+        authorization: str = "",
     ) -> None:
         self.host = host
         self.port = port
@@ -75,6 +76,7 @@ class NatsServer:
         self.max_payload = max_payload
         self.max_memory_store = max_memory_store
         self.max_file_store = max_file_store
+        self.authorization = authorization  # an "authorization { ... }" block (transport/auth.py), or ""
         self.proc: subprocess.Popen[str] | None = None
         self.log: collections.deque[str] = collections.deque(maxlen=500)
         self._ready = threading.Event()
@@ -87,7 +89,10 @@ class NatsServer:
     def _write_config(self) -> str:
         Path(self.store_dir).mkdir(parents=True, exist_ok=True)
         conf = Path(self.store_dir) / "nats-server.conf"
-        conf.write_text(
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it may hold service passwords
+        os.close(fd)
+        os.chmod(conf, 0o600)
+        conf.write_text(self.authorization +
             f"host: {self.host}\n"
             f"port: {self.port or -1}\n"
             f"max_payload: {self.max_payload}\n"
@@ -98,6 +103,13 @@ class NatsServer:
             "}\n"
         )
         return str(conf)
+
+    def reload(self, authorization: str) -> None:
+        """New users and permissions: rewrite the config and signal the server to reload it (SIGHUP)."""
+        self.authorization = authorization
+        self._write_config()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGHUP)
 
     def _read_log(self) -> None:
         assert self.proc is not None and self.proc.stderr is not None

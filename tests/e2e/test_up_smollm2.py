@@ -96,7 +96,7 @@ def test_up_smollm2_runs_a_tool_loop_through_the_openai_client(smollm2_deploymen
 
     client = openai.OpenAI(base_url=f"{smollm2_deployment.url}/v1", api_key="unused", timeout=300)
     messages = [{"role": "user", "content": "What will the weather be in Rome for the next 3 days?"}]
-    kw = dict(model=MODEL, messages=messages, tools=[WEATHER], tool_choice="required", max_tokens=64,
+    kw = dict(model=MODEL, messages=messages, tools=[WEATHER], tool_choice="required", max_tokens=160,
               temperature=1.0)
     if stream:
         calls, finish = _streamed_call(client, **kw)
