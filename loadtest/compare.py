@@ -40,6 +40,12 @@ from kvrelay.loadtest.interference import InterferenceWorkload
 from kvrelay.loadtest.metrics import SLO, RequestRecord, summarize
 from kvrelay.loadtest.run import Progress, conditions
 
+# the disaggregated deployments: kvrelay settings each adds (after the preset's and --set). kvrelay's
+# default P/D decider is "adaptive" (router/pd_decider.py); ``disaggregated-threshold`` runs the load-blind
+# rule it replaced, for a comparison on the same machine (ask for it with --only)
+VARIANTS: dict[str, tuple[str, ...]] = {"disaggregated": (),
+                                        "disaggregated-threshold": ('router.pd_decider="threshold"',)}
+NAMES = ("aggregated", *VARIANTS)
 KEYS = ("ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", "output_tok_per_s", "goodput")
 TARGET_ITL_RATIO = 0.5  # disaggregated ITL p99 <= 0.5 x aggregated
 TARGET_TPUT_LOSS = 0.10  # at no more than 10 % lower output throughput
@@ -89,12 +95,14 @@ def make(name: str, p: Preset, log_dir: Path) -> Deployment:
     start = {"startup_timeout_s": 600.0}
     if name == "aggregated":
         return Aggregated(p.engine, log_dir / name, instances=p.aggregated_instances or p.cores, **start)
-    if name == "disaggregated":
+    if name in VARIANTS:
         half = max(1, p.cores // 2)
-        return Disaggregated(p.engine, log_dir / name, prefill=half, decode=max(1, p.cores - half),
-                             policy=p.policy, load_on_prefill_cores=p.load_on_prefill_cores,
-                             sets=p.kvrelay_sets, **start)
-    raise ValueError(f"unknown deployment {name!r}: aggregated or disaggregated")
+        dep = Disaggregated(p.engine, log_dir / name, prefill=half, decode=max(1, p.cores - half),
+                            policy=p.policy, load_on_prefill_cores=p.load_on_prefill_cores,
+                            sets=(*p.kvrelay_sets, *VARIANTS[name]), **start)
+        dep.name = name
+        return dep
+    raise ValueError(f"unknown deployment {name!r}: {', '.join(NAMES)}")
 
 
 @dataclass
@@ -166,7 +174,7 @@ def verdict(agg: dict[str, Any], dis: dict[str, Any]) -> dict[str, Any]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    names = [n for n in ("aggregated", "disaggregated") if n in report]
+    names = [n for n in NAMES if n in report]
     rows = [("TTFT p50 (ms)", "ttft_ms_p50"), ("TTFT p99 (ms)", "ttft_ms_p99"),
             ("ITL p50 (ms)", "itl_ms_p50"), ("ITL p99 (ms)", "itl_ms_p99"),
             ("ITL p99.9 (ms)", "itl_ms_p99_9"), ("ITL max (ms)", "itl_ms_max"),
@@ -191,14 +199,14 @@ def markdown(report: dict[str, Any]) -> str:
                 cells.append(_fmt(b.get(key)))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += _by_kind(report, names)
-    if "verdict" in report:
-        v = report["verdict"]
+    verdicts = report.get("verdicts") or ({"disaggregated": report["verdict"]} if "verdict" in report else {})
+    for name, v in verdicts.items():
         if v.get("evaluated"):
             outcome = (f"ITL p99 ratio {v['itl_p99_ratio']}, throughput ratio {v['throughput_ratio']} -> "
                        f"{'met' if v['met'] else 'NOT met'}")
         else:
             outcome = f"not evaluated ({v.get('why')})"
-        lines += ["", f"Target (disaggregated ITL p99 <= 0.5x aggregated, throughput >= 0.9x): {outcome}"]
+        lines += ["", f"Target ({name} ITL p99 <= 0.5x aggregated, throughput >= 0.9x): {outcome}"]
     lines += ["", "## Conditions", "", "```json", json.dumps(report["conditions"], indent=2), "```", ""]
     for n in names:
         b = report[n]
@@ -274,8 +282,12 @@ async def compare(p: Preset, out: Path, log_dir: Path, progress: bool,
         outcomes.append(o)
         report[name] = o.block
     cond["wall_s"] = round(time.monotonic() - t0, 1)
-    if p.judged and "aggregated" in report and "disaggregated" in report:
-        report["verdict"] = verdict(report["aggregated"], report["disaggregated"])
+    if p.judged and "aggregated" in report:
+        verdicts = {n: verdict(report["aggregated"], report[n]) for n in VARIANTS if n in report}
+        if "disaggregated" in verdicts:
+            report["verdict"] = verdicts["disaggregated"]
+        if verdicts:
+            report["verdicts"] = verdicts
     report["files"] = [str(x) for x in write(report, outcomes, out, True, save_records)]
     return report
 
@@ -287,8 +299,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the report and plots")
     ap.add_argument("--logs", type=Path, default=None,
                     help="folder for the deployments' logs (default: a temp dir)")
-    ap.add_argument("--only", choices=["aggregated", "disaggregated"], action="append", default=None,
-                    help="run only this deployment (repeatable)")
+    ap.add_argument("--only", choices=list(NAMES), action="append", default=None,
+                    help="run only this deployment (repeatable, in the order given); "
+                         "disaggregated-threshold: kvrelay with router.pd_decider=\"threshold\"")
     ap.add_argument("--duration", type=float, default=None, help="override the preset's seconds of load")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--wait-quiet", type=float, default=None, metavar="SHARE",
@@ -333,7 +346,7 @@ def main(argv: list[str]) -> int:
         s = asyncio.run(sweep.sweep(p, rates, args.out, log_dir, not args.no_progress, quiet,
                                     args.save_records))
         print(json.dumps(s, indent=2) if args.json else sweep.markdown(s))
-        return 1 if any("error" in r[n] for r in s["rows"] for n in p.deployments) else 0
+        return 1 if any("error" in r.get(n, {}) for r in s["rows"] for n in p.deployments) else 0
     report = asyncio.run(compare(p, args.out, log_dir, not args.no_progress, quiet, args.save_records))
     if args.json:
         print(json.dumps(report, indent=2))

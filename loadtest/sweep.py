@@ -43,7 +43,7 @@ def row(rate: float, report: dict[str, Any]) -> dict[str, Any]:
     wl = report["conditions"]["workload"]
     lo, hi = wl["long_prompt"]
     out: dict[str, Any] = {"long_rate": rate, "long_prompt_tokens_per_s": round(rate * (lo + hi) / 2, 1)}
-    for name in ("aggregated", "disaggregated"):
+    for name in ("aggregated", "disaggregated", *(n for n in extra_variants() if n in report)):
         block = report.get(name, {})
         if "error" in block:
             out[name] = {"error": block["error"][:300]}
@@ -54,7 +54,15 @@ def row(rate: float, report: dict[str, Any]) -> dict[str, Any]:
     if a.get("itl_ms_p99_9") and d.get("itl_ms_p99_9"):
         out["itl_p99_9_ratio"] = round(d["itl_ms_p99_9"] / a["itl_ms_p99_9"], 3)
     out["verdict"] = report.get("verdict", {"evaluated": False, "why": "not judged"})
+    out["verdicts"] = {n: v for n, v in (report.get("verdicts") or {}).items() if n != "disaggregated"}
     return out
+
+
+def extra_variants() -> tuple[str, ...]:
+    """The disaggregated deployments beyond ``disaggregated`` (``compare.VARIANTS``)."""
+    from kvrelay.loadtest.compare import VARIANTS
+
+    return tuple(n for n in VARIANTS if n != "disaggregated")
 
 
 def summary(preset: str, description: str, rows: list[dict[str, Any]], cond: dict[str, Any]
@@ -83,8 +91,28 @@ def markdown(s: dict[str, Any]) -> str:
                      f"{pair('itl_ms_p99')} | {pair('itl_ms_p99_9')} | {pair('ttft_ms_p99')} | "
                      f"{pair('output_tok_per_s')} | {_f(v.get('itl_p99_ratio'))} | "
                      f"{_f(v.get('throughput_ratio'))} | {met} |")
+    lines += _variants(s["rows"])
     lines += ["", "## Conditions", "", "```json", json.dumps(s["conditions"], indent=2), "```", ""]
     return "\n".join(lines)
+
+
+def _variants(rows: list[dict[str, Any]]) -> list[str]:
+    """Other disaggregated deployments (e.g. disaggregated-threshold), one line per rate and variant."""
+    out = []
+    for r in rows:
+        for name, v in r.get("verdicts", {}).items():
+            b = r.get(name, {})
+            met = ("met" if v.get("met") else "NOT met") if v.get("evaluated") else f"- ({v.get('why')})"
+            cells = [_f(b.get(k)) for k in ("itl_ms_p50", "itl_ms_p99", "itl_ms_p99_9", "ttft_ms_p99",
+                                             "output_tok_per_s")]
+            cells += [_f(v.get("itl_p99_ratio")), _f(v.get("throughput_ratio")), met]
+            out.append(f"| {r['long_rate']:g} | {name} | " + " | ".join(cells) + " |")
+    if not out:
+        return []
+    head = ("| long prompts/s | deployment | ITL p50 (ms) | ITL p99 (ms) | ITL p99.9 (ms) | TTFT p99 (ms) | "
+            "tok/s | ITL p99 ratio | tput ratio | target |")
+    return ["", "Other disaggregated deployments (ratios against the same rate's aggregated run):", "", head,
+            "|" + "---|" * 10, *out]
 
 
 def _f(v: Any) -> str:
@@ -99,11 +127,12 @@ def plot(s: dict[str, Any], path: Path) -> Path:
     plt = pyplot()
     rates = [r["long_rate"] for r in s["rows"]]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for name, style in (("aggregated", "o-"), ("disaggregated", "s-")):
+    extra = [n for n in extra_variants() if any(n in r for r in s["rows"])]
+    for name, style in (("aggregated", "o-"), ("disaggregated", "s-"), *((n, "^--") for n in extra)):
         panels = ((axes[0], "itl_ms_p99", "ITL p99 (ms)"), (axes[1], "itl_ms_p99_9", "ITL p99.9 (ms)"),
                   (axes[2], "output_tok_per_s", "output tokens/s"))
         for ax, key, label in panels:
-            ax.plot(rates, [r[name].get(key) for r in s["rows"]], style, label=name)
+            ax.plot(rates, [r.get(name, {}).get(key) for r in s["rows"]], style, label=name)
             ax.set_xlabel("long prompts per second")
             ax.set_ylabel(label)
     for ax in axes[:2]:

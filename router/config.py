@@ -86,11 +86,30 @@ class RouterConfig(Struct):
     kv_w_decode: float = limit(32.0, min=0.0, max=1e9)
     kv_temperature: float = limit(0.0, min=0.0, max=100.0)  # 0 = cheapest, ties random
     kv_max_fallbacks: int = limit(3, min=0, max=64)
-    # decode affinity: prefill locally on the previous step's decode worker when it holds
-    # all but at most this many prompt tokens
+    # local prefill (a decode worker computes the prompt itself): the most uncached prompt tokens it
+    # may compute. "threshold" decider: local exactly when the session's decode worker (or one holding
+    # more of the prompt than every prefill worker) leaves at most this many uncached
     kv_local_threshold_tokens: int = limit(256, min=0)
     # dispatch local-prefill plans to decode workers (kvrelay.<ns>.local.<worker>); off: never
     kv_local_prefill: bool = True
+    # the P/D decider (router/pd_decider.py: remote or local prefill, per request with a decode worker to
+    # offer it to). "adaptive": local when the prefill path (its queue, the prompt, the hop) would take
+    # longer than a decode worker with room (its own local backlog, plus the stall its running streams
+    # suffer), sessions or not; "threshold": the load-blind rule above
+    pd_decider: Literal["adaptive", "threshold"] = "adaptive"
+    # adaptive, all in prefill-token time: at most this many uncached tokens always go local (llm-d's
+    # P/D decider skips the prefill stage under 16)
+    pd_always_local_tokens: int = limit(16, min=0, max=1 << 20)
+    # the remote path's fixed hop: dispatch, export, work queue, KV fetch and first decode step (about
+    # 200 ms on the CPU benchmark, where a prompt token takes 0.7 ms: ~290; a few ms on GPUs)
+    pd_remote_overhead_tokens: float = limit(128.0, min=0.0, max=1e9)
+    # moving one prompt token's KV, per token (shm on CPU: ~0.002; RDMA on GPUs: ~0.05)
+    pd_transfer_token_cost: float = limit(0.02, min=0.0, max=1e3)
+    # a prompt token computed on the decode worker, against one on a prefill worker (same device: 1)
+    pd_local_token_cost: float = limit(1.0, min=0.0, max=1e3)
+    # the weight of what a local prefill costs the decode worker's running streams: each waits about
+    # its uncached tokens' time (0: ignore them; disaggregation exists to spare them)
+    pd_w_interference: float = limit(0.5, min=0.0, max=1e6)
     # keep a session's step KV on its decode worker this long for its next step (a tool call's pause),
     # unless the request says (kv_ttl_s); 0 = only when asked. Decode workers cap and budget it
     kv_ttl_s: float = limit(0.0, min=0.0, max=3600.0)

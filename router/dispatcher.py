@@ -219,7 +219,7 @@ class Flight:
             cached = plan.cached_blocks * block_size.get(wid, 0) if wid == plan.worker_id else 0
             d.table.assign(self.request_id, wid, len(token_ids), cached)
             d.policy.update(RouteResult(self.request_id, wid, "dispatched", len(token_ids), cached))
-            reason = await self._try(wid, task)
+            reason = await self._try(wid, task.replace(cached_tokens=cached))
             if reason is None:
                 self._taken(wid)
                 return wid
@@ -231,7 +231,7 @@ class Flight:
 
     def _decide(self, request: RouteRequest, views: list[WorkerView]) -> Plan:
         try:
-            return self._d.policy.decide(request, views)
+            return self._d.local.decided(self._d.policy.decide(request, views), self.request_id)
         except NoWorkers as exc:
             raise NoWorkersAvailable(str(exc), retry_after_s=1.0) from exc
 
@@ -248,7 +248,7 @@ class Flight:
         info = d.directory.get(wid)
         cached = plan.cached_blocks * (info.block_size if info else 0)
         d.table.assign(self.request_id, wid, self.prompt_tokens, cached)
-        reason = await self._try(wid, task, local=True)
+        reason = await self._try(wid, task.replace(cached_tokens=cached), local=True)
         d.local.metrics.dispatches.labels(plan.reason or "local", reason or "accepted").inc()
         if reason is None:
             self.local = True

@@ -8,12 +8,11 @@ Cost of a worker, in prefill tokens (lower wins; see README "Routing"):
 
 ``inflight_tokens`` is counted at dispatch time (``LoadLedger.assign``), not when requests
 finish. Ties are broken at random; ``temperature > 0`` samples from a softmax of the costs
-instead of taking the minimum (seeded). Decode affinity: when the request continues a
-conversation or an agent's previous step (``previous_decode``) and that decode worker still
-holds all but at most ``local_threshold_tokens`` of the prompt, the plan is a local prefill
-there (``mode="local"``): no transfer. Without a session, a decode candidate (``RouteRequest.
-decode_candidates``) that holds more of the prompt than any prefill worker (a previous step's
-output blocks) gets the same plan (``_local``). Pure and synchronous, like every policy.
+instead of taking the minimum (seeded). Local prefill: when the request has somewhere local to go
+(its session's decode worker, ``previous_decode``, or ``decode_candidates``), the P/D decider
+(``router/pd_decider.py``: ``adaptive`` by default, or the load-blind ``threshold`` rule) chooses
+between the prefill plan and a local prefill on a decode worker (``mode="local"``: no transfer);
+either plan carries its decision (``Plan.pd``). Pure and synchronous, like every policy.
 
 Loads come from a ``LoadLedger`` (``router/ledger.py``: the dispatcher's, through ``bind``,
 or the policy's own): its ``Ranking`` keeps the workers sorted by load, so the fast path
@@ -25,13 +24,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kvrelay.router.config import RouterConfig
 from kvrelay.router.fast_decide import MaskRanker
 from kvrelay.router.index import PrefixIndex
 from kvrelay.router.ledger import LoadLedger, Ranking
-from kvrelay.router.policy import NoWorkers, Plan, Policy, RouteRequest, WorkerView
+from kvrelay.router.pd_decider import Candidate, PdDecider, PdInputs
+from kvrelay.router.policy import DecodeLoad, NoWorkers, Plan, Policy, RouteRequest, WorkerView
 from kvrelay.router.topk import TopK, least_loaded, sample
 
 OWN_LEDGER_CAPACITY = 65536  # requests a policy's own ledger admits (standalone use: tests, simulators)
@@ -53,6 +53,9 @@ class KvAware(Policy):
     local_threshold_tokens: int = 256
     max_fallbacks: int = 3
     seed: int | None = None
+    # the P/D decider; None: ``pd_decider``'s rule with ``local_threshold_tokens`` and default weights
+    pd: PdDecider | None = None
+    pd_decider: str = "adaptive"
     name: str = "kv_aware"
     ledger: LoadLedger = field(init=False, repr=False)
     ranking: Ranking = field(init=False, repr=False)
@@ -65,11 +68,16 @@ class KvAware(Policy):
         return cls(index=index, block_size=block_size, w_prefill=cfg.kv_w_prefill, w_queue=cfg.kv_w_queue,
                    w_decode=cfg.kv_w_decode, temperature=cfg.kv_temperature,
                    local_threshold_tokens=cfg.kv_local_threshold_tokens,
-                   max_fallbacks=cfg.kv_max_fallbacks, seed=seed)
+                   max_fallbacks=cfg.kv_max_fallbacks, seed=seed, pd=PdDecider.from_config(cfg))
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.temperature < 0 or self.max_fallbacks < 0:
             raise ValueError("block_size >= 1, temperature >= 0 and max_fallbacks >= 0 are required")
+        if self.pd is None:
+            if self.pd_decider not in ("adaptive", "threshold"):
+                raise ValueError(f"pd_decider: adaptive or threshold, not {self.pd_decider!r}")
+            self.pd = PdDecider(mode=self.pd_decider,  # type: ignore[arg-type]
+                                threshold_tokens=self.local_threshold_tokens)
         self._rng = random.Random(self.seed)
         self.bind(LoadLedger(OWN_LEDGER_CAPACITY))
 
@@ -117,42 +125,46 @@ class KvAware(Policy):
                 deepest = max((c for w, c in overlap.items() if w in ranking), default=0)
                 held_of = overlap.get  # type: ignore[assignment]
         best_cost, best = ranked[0]
-        fallbacks = tuple(w for _, w in ranked[1:])
+        plan = Plan(worker_id=best, fallbacks=tuple(w for _, w in ranked[1:]), cached_blocks=cached,
+                    cost=best_cost, reason=self.name)
         if local:
-            plan = self._local(request, lambda w: held_of(w) or 0, deepest, (best, *fallbacks))
-            if plan is not None:
-                return plan
-        return Plan(worker_id=best, fallbacks=fallbacks, cached_blocks=cached, cost=best_cost,
-                    reason=self.name)
+            return self._local(request, plan, lambda w: held_of(w) or 0, deepest)
+        return plan
 
-    def _local(self, request: RouteRequest, held_of: Callable[[str], int], deepest: int,
-               prefill: tuple[str, ...]) -> Plan | None:
-        """A local-prefill plan, or None. ``deepest``: most leading blocks any prefill worker holds.
+    def _local(self, request: RouteRequest, prefill: Plan, held_of: Callable[[str], int],
+               deepest: int) -> Plan:
+        """The P/D decider's plan: a local prefill, or ``prefill`` (the prefill plan); both carry the
+        decision. ``deepest``: the most leading blocks any prefill worker holds.
 
-        1. ``previous_decode`` (the session's last decode worker) holding all but at most
-           ``local_threshold_tokens`` of the prompt (the larger of the index's count and the
-           session's ``previous_blocks``): reason ``decode_affinity``.
-        2. Else the ``decode_candidates`` worker holding the most, if that is more than every
-           prefill worker holds (blocks only it has: a previous step's output) and leaves at
-           most ``local_threshold_tokens`` uncached: reason ``decode_cache``.
-        The fallbacks are the prefill plan's workers, best first.
+        A local plan's reason says what makes the decode worker fit: ``decode_affinity`` (the
+        session's worker), ``decode_cache`` (it holds more of the prompt than every prefill worker) or
+        ``prefill_load`` (neither: the prefill path is the slower one). Its fallbacks are the prefill
+        plan's workers, best first.
         """
-        need = request.num_tokens - self.local_threshold_tokens  # tokens the worker must hold
-        prev = request.previous_decode
-        if prev:
-            held = max(request.previous_blocks, held_of(prev))
-            if held and held * self.block_size >= need:
-                return Plan(worker_id=prev, fallbacks=prefill, cached_blocks=held, reason="decode_affinity",
-                            mode="local")
-        top, depth = "", deepest
-        for w in request.decode_candidates:
-            c = held_of(w) if w != prev else 0
-            if c > depth:
-                top, depth = w, c
-        if top and depth * self.block_size >= need:
-            return Plan(worker_id=top, fallbacks=prefill, cached_blocks=depth, reason="decode_cache",
-                        mode="local")
-        return None
+        assert self.pd is not None
+        decision = self.pd.decide(self._pd_inputs(request, prefill, held_of, deepest))
+        if decision.choice == "remote":
+            return replace(prefill, pd=decision)
+        w = decision.worker_id
+        reason = ("decode_affinity" if w == request.previous_decode else
+                  "decode_cache" if decision.held_blocks > deepest else "prefill_load")
+        return Plan(worker_id=w, fallbacks=(prefill.worker_id, *prefill.fallbacks),
+                    cached_blocks=decision.held_blocks, reason=reason, mode="local", pd=decision)
+
+    def _pd_inputs(self, request: RouteRequest, prefill: Plan, held_of: Callable[[str], int],
+                   deepest: int) -> PdInputs:
+        """The decider's view: the prefill plan's worker and the decode workers, with dispatch-time load."""
+        ledger, prev = self.ledger, request.previous_decode
+        loads = {x.worker_id: x for x in request.decode_loads}
+        cands = []
+        for w in ((prev,) if prev else ()) + tuple(x for x in request.decode_candidates if x != prev):
+            held = max(held_of(w), request.previous_blocks) if w == prev else held_of(w)
+            load = loads.get(w) or DecodeLoad(w)
+            inflight, tokens = ledger.load(w)  # this router's local prefills there
+            cands.append(Candidate(w, held, max(load.active, inflight), load.max_slots,
+                                   max(load.local_tokens, tokens), load.local_budget_tokens))
+        return PdInputs(request.num_tokens, self.block_size, prefill.worker_id, prefill.cached_blocks,
+                        deepest, ledger.pending_tokens(prefill.worker_id), prev, tuple(cands))
 
     def _overlap(self, request: RouteRequest) -> dict[str, int]:
         if self.index is None or not request.block_hashes:

@@ -174,6 +174,12 @@ class LoadLedger:
         w = self._workers.get(worker_id)
         return (w.inflight, w.tokens) if w else (0, 0)
 
+    def pending_tokens(self, worker_id: str) -> int:
+        """Prompt tokens ahead of a new task on ``worker_id``: the larger of what it reports queued and
+        what the routers sent there and have not seen prefilled (the two overlap; each lags the other)."""
+        w = self._workers.get(worker_id)
+        return max(w.queued, w.tokens + w.r_tokens) if w else 0
+
     # --- reported load, other routers, membership ------------------------------------------------------
     def views(self, infos: Iterable[WorkerInfo]) -> list[WorkerView]:
         """Take in the workers' reported load and other routers' counts; the members' views.

@@ -7,7 +7,15 @@ with ``router.kv_local_prefill`` on, each request's ``RouteRequest`` carries:
   finished on a decode worker that is live and not full, that worker and how many leading
   blocks of this prompt the session record vouches for (``router/sessions.py``);
 - ``decode_candidates``: the live decode workers that are not draining and whose last heartbeat
-  shows a free slot (the worker itself has the last word: it refuses when full).
+  shows a free slot (the worker itself has the last word: it refuses when full or past its
+  local-prefill budget), and ``decode_loads``: what those heartbeats report (running requests,
+  local-prefill tokens in flight, the budget), for the P/D decider (``router/pd_decider.py``).
+  A request without a session may go local too (``decode_cache``, or ``prefill_load`` when the
+  adaptive decider finds the prefill path the slower one).
+
+``decided(plan)`` logs the P/D decider's decision with its inputs (``pd_decision``: info for a
+local choice, debug for a remote one) and counts it in
+``kvrelay_router_pd_decisions_total{choice, reason}``.
 
 A ``mode="local"`` plan is sent as the request's ``PrefillTask`` to
 ``kvrelay.<ns>.local.<decode worker>`` (core request/reply, answered at once with a
@@ -24,10 +32,13 @@ from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from kvrelay.base.logs import get_logger
 from kvrelay.router.config import RouterConfig
-from kvrelay.router.policy import RouteRequest
+from kvrelay.router.policy import DecodeLoad, Plan, RouteRequest
 from kvrelay.router.sessions import Session, SessionMap, held_blocks, marks
 from kvrelay.schemas.messages import WorkerInfo
+
+log = get_logger(__name__)
 
 DECODE_ROLES = ("decode", "both")
 
@@ -37,9 +48,14 @@ class LocalMetrics:
         r = registry
         self.dispatches = Counter(
             "kvrelay_router_local_prefill_total",
-            "Local-prefill dispatches to decode workers, by plan reason (decode_affinity, decode_cache) and "
-            "outcome (accepted, overloaded, draining, invalid, unsupported, timeout, unreachable, bad_reply)",
-            ["reason", "outcome"], registry=r)
+            "Local-prefill dispatches to decode workers, by plan reason (decode_affinity, decode_cache, "
+            "prefill_load) and outcome (accepted, overloaded, draining, invalid, unsupported, timeout, "
+            "unreachable, bad_reply)", ["reason", "outcome"], registry=r)
+        self.decisions = Counter(
+            "kvrelay_router_pd_decisions_total",
+            "P/D decisions for requests with a decode worker to go to: choice (local, remote) and reason "
+            "(within_threshold, tiny_uncached, cheaper_local, over_threshold, no_room, cheaper_remote)",
+            ["choice", "reason"], registry=r)
         self.lookups = Counter(
             "kvrelay_router_session_lookups_total",
             "Session lookups at dispatch: hit, miss, worker_gone (not live), worker_busy (draining or full)",
@@ -65,6 +81,8 @@ class LocalRouting:
             return RouteRequest(request_id, tenant, num_tokens, block_hashes=hashes)
         live = {i.worker_id: i for i in decode_workers}
         cands = tuple(w for w, i in live.items() if not i.draining and i.active < i.max_slots)
+        loads = tuple(DecodeLoad(w, live[w].active, live[w].max_slots, live[w].queued_tokens,
+                                 live[w].local_budget_tokens) for w in cands)
         prev, blocks = "", 0
         if session_id:
             rec = self.sessions.get(tenant, session_id)
@@ -78,7 +96,16 @@ class LocalRouting:
                 result, prev, blocks = "hit", rec.worker, held_blocks(rec, hashes)
             self.metrics.lookups.labels(result).inc()
         return RouteRequest(request_id, tenant, num_tokens, block_hashes=hashes, previous_decode=prev,
-                            previous_blocks=blocks, decode_candidates=cands)
+                            previous_blocks=blocks, decode_candidates=cands, decode_loads=loads)
+
+    def decided(self, plan: Plan, request_id: str) -> Plan:
+        """Log and count the plan's P/D decision (when it has one); returns ``plan``."""
+        pd = plan.pd
+        if pd is not None:
+            self.metrics.decisions.labels(pd.choice, pd.reason).inc()
+            emit = log.info if pd.choice == "local" else log.debug
+            emit("pd_decision", request_id=request_id, **vars(pd))
+        return plan
 
     def finished(self, tenant: str, session_id: str, worker: WorkerInfo | None, prompt: Sequence[int],
                  output: Sequence[int], prompt_hashes: Sequence[int] | None,

@@ -36,6 +36,42 @@ class RouteRequest:
     previous_blocks: int = 0
     # decode workers that may take a local prefill now (live, not draining, not full)
     decode_candidates: tuple[str, ...] = ()
+    # their reported load, for the P/D decider (router/pd_decider.py); a candidate without one counts as idle
+    decode_loads: tuple[DecodeLoad, ...] = ()
+
+
+@dataclass(frozen=True)
+class DecodeLoad:
+    """A decode worker's load as its heartbeat reports it (``WorkerInfo``)."""
+
+    worker_id: str
+    active: int = 0  # requests running there
+    max_slots: int = 1
+    local_tokens: int = 0  # local-prefill prompt tokens it has taken and not computed yet
+    local_budget_tokens: int = 0  # the most it takes in flight (its ITL budget); 0 = no budget
+
+
+@dataclass(frozen=True)
+class PdDecision:
+    """What the P/D decider chose and from what (router/pd_decider.py): logged and counted.
+
+    ``choice`` "local" or "remote"; ``reason`` one of ``pd_decider.REASONS``. Costs are in prefill-token
+    time (``local_cost`` -1: no decode worker could take it)."""
+
+    choice: Literal["local", "remote"]
+    reason: str
+    decider: str
+    worker_id: str = ""  # the decode worker of a local choice
+    held_blocks: int = 0  # leading blocks of the prompt the decode worker weighed holds
+    num_tokens: int = 0
+    uncached_remote: int = 0  # on the best prefill worker
+    uncached_local: int = 0  # on the cheapest decode worker that could take it
+    prefill_pending: int = 0  # prompt tokens ahead on the best prefill worker
+    decode_pending: int = 0  # local-prefill tokens in flight on that decode worker
+    decode_active: int = 0
+    remote_cost: float = 0.0
+    local_cost: float = -1.0
+    candidates: int = 0
 
 
 @dataclass(frozen=True)
@@ -63,6 +99,8 @@ class Plan:
     reason: str = ""
     # "prefill": send to a prefill worker; "local": the decode worker prefills locally
     mode: Literal["prefill", "local"] = "prefill"
+    # the P/D decider's decision, when the request had local options (None: it had none)
+    pd: PdDecision | None = None
 
 
 @dataclass(frozen=True)

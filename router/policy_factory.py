@@ -56,6 +56,7 @@ def kv_routing(rc: RouterConfig, cache: CacheConfig) -> tuple[Policy, Callable[[
     exactly as the workers hash theirs. The caller feeds the index with ``router.events.KvEventsSubscriber``.
     """
     from kvrelay.router.index import PrefixIndex
+    from kvrelay.router.pd_decider import PdDecider
 
     spec = cache.spec
     index = PrefixIndex(spec.fingerprint, max_blocks=rc.kv_index_max_blocks, max_workers=rc.kv_index_max_workers)
@@ -67,7 +68,8 @@ def kv_routing(rc: RouterConfig, cache: CacheConfig) -> tuple[Policy, Callable[[
                          "reinstall kvrelay with a C compiler")
     policy = make_policy("kv_aware", index=index, block_size=spec.block_size, w_prefill=rc.kv_w_prefill,
                          w_queue=rc.kv_w_queue, w_decode=rc.kv_w_decode, temperature=rc.kv_temperature,
-                         max_fallbacks=rc.kv_max_fallbacks, local_threshold_tokens=rc.kv_local_threshold_tokens)
+                         max_fallbacks=rc.kv_max_fallbacks, local_threshold_tokens=rc.kv_local_threshold_tokens,
+                         pd=PdDecider.from_config(rc))
     def hasher(token_ids: Sequence[int], tenant: str) -> list[int]:
         return spec.hashes(token_ids, cache.salt(tenant))
 

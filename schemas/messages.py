@@ -204,10 +204,19 @@ class PrefillTask(Message):
     # decode worker should keep this step's KV for the session's next step (0 = not asked)
     session: str = limit("", max_len=MAX_SESSION_LEN + 80)
     kv_ttl_ms: int = limit(0, min=0, max=MAX_KV_TTL_MS)
+    # leading prompt tokens the router expects this worker to hold (its plan; 0 = unknown): what is
+    # left is the work the worker schedules (prefill queue) and budgets (a decode worker's local prefill)
+    cached_tokens: int = limit(0, min=0)
 
     def validate(self) -> None:
         if not self.prompt_token_ids:
             raise ValidationError("PrefillTask.prompt_token_ids", "must not be empty")
+
+    @property
+    def work_tokens(self) -> int:
+        """Prompt tokens left to compute by the router's estimate (at least one: the last is always computed)."""
+        n = len(self.prompt_token_ids)
+        return n - min(self.cached_tokens, n - 1)
 
 
 @message
@@ -361,3 +370,6 @@ class WorkerInfo(Message):
     draining: bool = False
     # the engine's context (prompt + output tokens); routers check requests against it
     max_model_len: int = limit(0, min=0)
+    # decode workers: the most local-prefill prompt tokens they take in flight (their ITL budget,
+    # workers/local_budget.py; 0 = no budget beyond their slots); queued_tokens is what is in flight
+    local_budget_tokens: int = limit(0, min=0)

@@ -51,6 +51,13 @@ class PrefillConfig(Struct):
     # (vLLM long_prefill_token_threshold), so a short prompt arriving behind a long one starts at the
     # next step instead of after the whole long prefill; 0 = no cap (first come, first served)
     long_prompt_step_tokens: int = limit(0, min=0, max=1 << 20)
+    # the order queued tasks start in (workers/prefill_queue.py): "shortest" = least uncached prompt
+    # first, so short prompts pass long ones waiting; a task's key shrinks by aging_tokens_per_s for each
+    # second it waits, and one passed over max_overtakes times goes before any younger task. "fifo":
+    # arrival order. (Tasks queue only while max_running run; inside vLLM, long_prompt_step_tokens)
+    schedule: Literal["shortest", "fifo"] = "shortest"
+    aging_tokens_per_s: float = limit(1000.0, min=0.0, max=1e9)
+    max_overtakes: int = limit(16, min=0, max=1 << 20)
     # the export region holding finished prefills' KV until a decode worker fetches it
     export_mb: int = limit(512, min=1)
     lease_s: float = limit(30.0, min=0.5, max=3600.0)
@@ -91,6 +98,16 @@ class DecodeConfig(Struct):
     # chunked prefill on); 0 = vLLM's default (2048 on CPU). A local prefill (a session's next step)
     # is then spread over steps, bounding how long it stalls the streams decoding beside it
     prefill_chunk_tokens: int = limit(0, min=0, max=1 << 20)
+    # local prefills within a decode ITL budget (workers/local_budget.py): one is admitted only while
+    # the prompt tokens local prefills still have to compute fit what keeps decode steps within
+    # local_itl_target_ms, estimated from a step's time (local_step_ms) and a prompt token's
+    # (local_token_ms): (target - step) / token tokens a step, times local_budget_steps steps when the
+    # engine chunks prefill (it does at that size when prefill_chunk_tokens is 0); else refused
+    # ("overloaded": the router takes the prefill path). 0 = no budget (slots only)
+    local_itl_target_ms: float = limit(0.0, min=0.0, max=600_000.0)
+    local_step_ms: float = limit(50.0, min=0.0, max=600_000.0)
+    local_token_ms: float = limit(0.7, min=0.0, max=60_000.0)
+    local_budget_steps: int = limit(8, min=1, max=1 << 16)
     # debug: zero the KV after loading it (proves the KV is really transferred)
     debug_zero_kv: bool = False
     # un-acked PrefillDone messages the shared consumer allows across all decode workers

@@ -377,8 +377,8 @@ class DecodeService(WorkerService):
             self._kv_bytes_seen = stats.kv_bytes_moved
         return stats
 
-    def _load(self) -> dict[str, Any]:
-        return {"active": len(self.active), "free_kv_blocks": self._fold_kv_bytes().free_kv_blocks}
+    def _load(self) -> dict[str, Any]:  # local prefills add queued_tokens and local_budget_tokens
+        return self.local.load(active=len(self.active), free_kv_blocks=self._fold_kv_bytes().free_kv_blocks)
 
     def _gauges(self) -> None:
         m.DECODE_ACTIVE.set(len(self.active))

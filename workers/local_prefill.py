@@ -2,7 +2,9 @@
 
     router --PrefillTask (core request/reply, kvrelay.<ns>.local.<worker>)--> this worker
     reply at once: DispatchReply accepted, or refused with a code:
-        overloaded   ``decode.max_slots`` requests run already (``DecodeSlots.take_local``)
+        overloaded   ``decode.max_slots`` requests run already (``DecodeSlots.take_local``), or its
+                     prompt does not fit the ITL budget (``workers/local_budget.py``; metric outcome
+                     "budget")
         draining     the worker is stopping
         invalid      undecodable task, bad stream subject, or a request id already here
         timeout      the deadline passed already
@@ -15,8 +17,8 @@ A refused task is the router's to place elsewhere (it takes the normal prefill p
 one ends with exactly one final chunk: the finish reason, or an error (``timeout`` 504 at the
 deadline, ``engine`` 500, ``draining`` 503 when the worker stops under it, ``abort`` on Cancel).
 
-Metrics: ``kvrelay_decode_local_prefill_total{outcome}`` (accepted, the refusal codes, then the
-finish: stop, length, cancelled, timeout, engine_error, draining) and
+Metrics: ``kvrelay_decode_local_prefill_total{outcome}`` (accepted, the refusal codes and "budget",
+then the finish: stop, length, cancelled, timeout, engine_error, draining) and
 ``kvrelay_decode_local_prompt_tokens_total{source}`` (computed here / cached here).
 """
 
@@ -25,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from nats.aio.msg import Msg
 from prometheus_client import Counter
@@ -38,6 +40,7 @@ from kvrelay.transport.errors import TransportError
 from kvrelay.transport.subjects import check_subject, check_token
 from kvrelay.workers import metrics as m
 from kvrelay.workers.engine import TokenDelta
+from kvrelay.workers.local_budget import ItlBudget, LocalBudget
 from kvrelay.workers.service import Stream
 
 if TYPE_CHECKING:
@@ -74,17 +77,23 @@ class LocalPrefills:
 
     def __init__(self, svc: DecodeService) -> None:
         self.svc = svc
+        self.budget = LocalBudget(ItlBudget.from_config(svc.cfg))
+
+    def load(self, **fields: Any) -> dict[str, Any]:
+        """The discovery record's load ``fields`` plus the local-prefill tokens in flight and the budget."""
+        return fields | {"queued_tokens": self.budget.tokens, "local_budget_tokens": self.budget.limit}
 
     async def on_task(self, msg: Msg) -> None:
-        reply = self._admit(msg)
-        LOCAL_PREFILLS.labels("accepted" if reply.accepted else reply.code).inc()
+        reply, outcome = self._admit(msg)
+        LOCAL_PREFILLS.labels(outcome).inc()
         try:
             await self.svc.bus.respond(msg, reply)
         except (TransportError, ValueError) as exc:  # the router falls back after its timeout
             log.warning("local_reply_failed", error=repr(exc))
 
-    def _admit(self, msg: Msg) -> DispatchReply:
-        """Decide and, when accepted, start the request (synchronously: no await in between)."""
+    def _admit(self, msg: Msg) -> tuple[DispatchReply, str]:
+        """Decide and, when accepted, start the request (synchronously: no await in between); the
+        reply and the metric's outcome."""
         svc = self.svc
         try:
             task = unpack(msg.data, PrefillTask)
@@ -92,6 +101,24 @@ class LocalPrefills:
             check_token(task.request_id, "request_id")
         except ValueError as exc:
             return _refuse("invalid", f"bad local prefill task: {str(exc)[:300]}")
+        why = self._refusal(task)
+        if why is not None:
+            return why
+        rid = task.request_id
+        reason = self.budget.admit(rid, task.work_tokens)
+        if reason is not None:
+            with bound(request_id=rid):
+                log.info("local_prefill_refused", code="overloaded", reason=reason)
+            return _refuse("overloaded", reason, "budget")
+        act = LocalActive.of(task)
+        if not svc.admit_local(act, lambda: self._run(act)):
+            self.budget.done(rid)
+            return _refuse("overloaded", f"all {svc.cfg.max_slots} decode slots are in use")
+        return DispatchReply(accepted=True), "accepted"
+
+    def _refusal(self, task: PrefillTask) -> tuple[DispatchReply, str] | None:
+        """Why ``task`` cannot run here whatever the load (None: it can)."""
+        svc = self.svc
         if getattr(svc.engine, "stream_local", None) is None:
             return _refuse("unsupported", "this decode engine cannot prefill locally")
         if svc.draining:
@@ -106,10 +133,7 @@ class LocalPrefills:
             return _refuse("timeout", "the offer expired (the router stopped waiting for this reply)")
         if len(task.prompt_token_ids) + task.sampling.max_tokens > svc.engine.info.max_model_len:
             return _refuse("invalid", "prompt plus max_tokens exceed this engine's context")
-        act = LocalActive.of(task)
-        if not svc.admit_local(act, lambda: self._run(act)):
-            return _refuse("overloaded", f"all {svc.cfg.max_slots} decode slots are in use")
-        return DispatchReply(accepted=True)
+        return None
 
     async def _run(self, act: LocalActive) -> None:
         svc = self.svc
@@ -122,6 +146,7 @@ class LocalPrefills:
                 outcome = await svc.stopped(act)
                 raise
             finally:
+                self.budget.done(act.request_id)
                 svc.end_local(act, outcome)
                 LOCAL_PREFILLS.labels(outcome).inc()
 
@@ -148,6 +173,7 @@ class LocalPrefills:
                 log.warning("local_stream_close_failed", error=repr(exc))
 
     def _first(self, act: LocalActive, delta: TokenDelta) -> None:
+        self.budget.done(act.request_id)  # the prompt is computed
         act.cached_tokens = min(delta.cached_tokens, act.prompt_tokens)
         LOCAL_PROMPT_TOKENS.labels("cached").inc(act.cached_tokens)
         LOCAL_PROMPT_TOKENS.labels("computed").inc(act.prompt_tokens - act.cached_tokens)
@@ -155,5 +181,5 @@ class LocalPrefills:
         log.info("local_prefill", prompt_tokens=act.prompt_tokens, cached_tokens=act.cached_tokens)
 
 
-def _refuse(code: str, reason: str) -> DispatchReply:
-    return DispatchReply(accepted=False, code=code, reason=reason[:512])
+def _refuse(code: str, reason: str, outcome: str = "") -> tuple[DispatchReply, str]:
+    return DispatchReply(accepted=False, code=code, reason=reason[:512]), outcome or code

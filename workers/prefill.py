@@ -9,7 +9,9 @@
 Bounds: ``max_queued`` tasks and ``max_queued_tokens`` tokens queued, ``max_running`` in the
 engine, and no task accepted without room for its KV in the export region; past a bound the
 dispatch is rejected with code "overloaded" (the router tries another worker). A full work queue
-ends the request with an "overloaded" (429) error chunk and frees its KV at once.
+ends the request with an "overloaded" (429) error chunk and frees its KV at once. Queued tasks
+start shortest first, aged and never passed over more than ``max_overtakes`` times
+(``prefill.schedule``, ``workers/prefill_queue.py``): a short prompt does not wait behind long ones.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from kvrelay.workers.config import WorkerProcessConfig
 from kvrelay.workers.engine import PrefillEngine, PrefillOutput
 from kvrelay.workers.errors import EngineDead, ExportFull
 from kvrelay.workers.lifecycle import WorkerService
-from kvrelay.workers.prefill_queue import PrefillQueue, Queued
+from kvrelay.workers.prefill_queue import PrefillQueue, Queued, schedule_of
 from kvrelay.workers.service import (
     emit,
     error_chunk,
@@ -66,7 +68,7 @@ class PrefillService(WorkerService):
     def __init__(self, cfg: WorkerProcessConfig, engine: PrefillEngine, bus: Bus, wid: str) -> None:
         super().__init__(cfg.prefill, engine, bus, wid, cfg.prefill.max_running)
         self.queue = PrefillQueue(self.cfg.max_queued, self.cfg.max_queued_tokens, engine.info.block_size,
-                                  engine.info.max_model_len)
+                                  engine.info.max_model_len, schedule_of(self.cfg))
         self.running: dict[str, Running] = {}
         self._work = asyncio.Event()  # set while the queue may hold tasks
         self._changed = asyncio.Event()  # set on every task end / lease change (drain waits on it)

@@ -298,3 +298,19 @@ def test_pin_tree_binds_every_thread_of_a_process_tree() -> None:
     finally:
         parent.kill()
         parent.wait()
+
+
+def test_disaggregated_threshold_variant_runs_the_load_blind_decider_and_is_judged_too(tmp_path: Path) -> None:
+    p = PRESETS["cpu-interference"]
+    dep = make("disaggregated-threshold", p, tmp_path)
+    assert isinstance(dep, Disaggregated) and dep.name == "disaggregated-threshold"
+    assert dep.sets[-1] == 'router.pd_decider="threshold"'  # after the preset's and --set's
+    assert not any("pd_decider" in x for x in make("disaggregated", p, tmp_path).sets)  # kvrelay's default
+    report = {"preset": "x", "description": "d", "conditions": {"model": "m"}, "aggregated": _block(1000.0, 100.0),
+              "disaggregated": _block(400.0, 95.0), "disaggregated-threshold": _block(600.0, 95.0)}
+    report["verdicts"] = {n: verdict(report["aggregated"], report[n]) for n in ("disaggregated",
+                                                                                "disaggregated-threshold")}
+    md = markdown(report)
+    assert "| ITL p99 (ms) | 1000.0 | 400.0 | 600.0 |" in md
+    assert "Target (disaggregated ITL p99 <= 0.5x aggregated, throughput >= 0.9x): ITL p99 ratio 0.4" in md
+    assert "Target (disaggregated-threshold ITL p99" in md and "0.6, throughput ratio 0.95 -> NOT met" in md

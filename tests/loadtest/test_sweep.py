@@ -81,3 +81,15 @@ def test_sweep_runs_one_compare_per_rate_and_writes_the_summary(tmp_path: Path) 
     assert own["preset"] == "cpu-smoke" and own["conditions"]["workload"]["long_rate"] == 0.3
     assert (tmp_path / "compare_cpu_smoke_sweep.png").stat().st_size > 0
     assert (tmp_path / "compare_cpu_smoke_sweep.md").read_text().count("\n| ") == 3  # header + 2 rows
+
+
+def test_sweep_row_and_markdown_carry_the_other_disaggregated_variants() -> None:
+    agg, dis, thr = _block(800.0, 1600.0, 100.0), _block(60.0, 120.0, 95.0), _block(500.0, 900.0, 96.0)
+    report = _report(0.5, agg, dis) | {"disaggregated-threshold": thr,
+                                        "verdicts": {"disaggregated": verdict(agg, dis),
+                                                     "disaggregated-threshold": verdict(agg, thr)}}
+    r = row(0.5, report)
+    assert r["disaggregated-threshold"]["itl_ms_p99"] == 500.0 and list(r["verdicts"]) == ["disaggregated-threshold"]
+    md = markdown(summary("p", "d", [r, row(0.06, _report(0.06, agg, dis))], {"model": "m"}))
+    assert "| 0.5 | disaggregated-threshold | 40.0 | 500.0 | 900.0 | 900.0 | 96.0 | 0.625 | 0.960 | NOT met |" in md
+    assert md.count("disaggregated-threshold |") == 1  # the rate without it has no line

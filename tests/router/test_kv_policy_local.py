@@ -1,4 +1,5 @@
-"""KvAware local-prefill plans: session affinity, decode candidates, the threshold. No I/O."""
+"""KvAware local-prefill plans under the ``threshold`` P/D decider: session affinity, decode candidates,
+the threshold. No I/O. (The ``adaptive`` decider: ``test_pd_decider.py``.)"""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def _index(**held: int) -> PrefixIndex:
 
 
 def _policy(idx: PrefixIndex | None, threshold: int = 32, prefill: str = "ab") -> KvAware:
-    pol = KvAware(index=idx, block_size=16, local_threshold_tokens=threshold, seed=1)
+    pol = KvAware(index=idx, block_size=16, local_threshold_tokens=threshold, seed=1, pd_decider="threshold")
     for w in prefill:
         pol.ledger.report(w)
     return pol
@@ -71,7 +72,7 @@ def test_kv_policy_no_session_picks_the_decode_candidate_holding_more_than_any_p
 
 
 def test_kv_policy_without_hashes_uses_the_views_and_the_session() -> None:
-    pol = KvAware(index=None, block_size=16, local_threshold_tokens=32, seed=1)
+    pol = KvAware(index=None, block_size=16, local_threshold_tokens=32, seed=1, pd_decider="threshold")
     views = [WorkerView("a", cached_blocks=3), WorkerView("b")]
     plan = pol.decide(_req(prev="d1", prev_blocks=9, hashes=None), views)
     assert (plan.mode, plan.worker_id) == ("local", "d1")

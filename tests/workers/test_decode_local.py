@@ -183,3 +183,34 @@ async def test_decode_service_admit_local_takes_slots_until_full_and_end_local_g
         await asyncio.wait_for(acts[2].task, 10)
     finally:
         await svc.owner.close()
+
+
+async def test_stream_local_budget_refuses_what_would_break_the_itl_target_until_tokens_are_computed(
+        bus, kv_config, namespace) -> None:
+    # 50 ms target, 0.01 ms a prompt token, one step of backlog: 5000 prompt tokens in flight at most.
+    # Modelled time runs in real time: the holder's 3000 tokens take seconds to prefill (it is cancelled)
+    cfg = _cfg(kv_config, time_scale=1.0, local_itl_target_ms=50.0, local_step_ms=0.0, local_token_ms=0.01,
+               local_budget_steps=1)
+    svc, _ = await _start(bus, cfg)
+    budget0 = _count("kvrelay_decode_local_prefill_total", outcome="budget")
+    try:
+        holder = _task("hold", [(i * 7) % 900 + 1 for i in range(3000)], namespace)
+        held = await Collector.open(bus, holder.stream_subject, TokenChunk)
+        assert (await _offer(bus, holder)).accepted
+        big = _task("big", [(i * 11) % 900 + 1 for i in range(2500)], namespace)
+        refused = await _offer(bus, big)
+        assert (refused.accepted, refused.code) == (False, "overloaded") and "budget" in refused.reason
+        assert _count("kvrelay_decode_local_prefill_total", outcome="budget") - budget0 == 1
+        # what the router expects cached here is not counted: the same prompt fits when mostly held
+        mostly = big.replace(request_id="big-cached", cached_tokens=2048)
+        mostly_out = await Collector.open(bus, mostly.stream_subject, TokenChunk)
+        assert (await _offer(bus, mostly)).accepted
+        for rid in ("big-cached", "hold"):
+            await bus.publish(bus.subjects.cancel(rid), Cancel(request_id=rid))
+        # a request's tokens come back before its last chunk goes out (at its first delta)
+        assert (await held.until_final())[-1].finish_reason == "abort"
+        assert (await mostly_out.until_final())[-1].finish_reason == "abort"
+        assert (await _offer(bus, big.replace(request_id="big-again"))).accepted
+        await bus.publish(bus.subjects.cancel("big-again"), Cancel(request_id="big-again"))
+    finally:
+        await svc.close()

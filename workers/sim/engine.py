@@ -7,7 +7,9 @@ Time is real asyncio time: every modelled duration (``workers.sim.cost``) is sle
 - Tokens: the output of a prompt is a pure function of its token ids (``sim_tokens``), so a test
   knows every token a request must produce; generation stops at ``max_tokens``.
 - Prefill (``SimPrefillEngine``): one prompt computes at a time (prefill is compute-bound), in
-  arrival order. Its blocks come from a ``BlockManager`` (prefix cache hits cut the modelled
+  arrival order; with ``prefill.long_prompt_step_tokens`` > 0 in chunks of at most that many
+  tokens instead, the waiting prompts taking turns shortest first (``workers/sim/turns.py``). Its
+  blocks come from a ``BlockManager`` (prefix cache hits cut the modelled
   time); the KV pages are then written to a ``SimRegion`` under a ticket leased by a
   ``transport.kv.leases.LeaseTable``, and the engine's blocks stay cached for the next request.
 - Decode (``workers.sim.decode.SimDecodeEngine``): imports by reading the region named in the
@@ -42,9 +44,11 @@ from kvrelay.transport.kv_event_publisher import KvEventPublisher
 from kvrelay.workers.config import EngineConfig, PrefillConfig
 from kvrelay.workers.engine import EngineInfo, EngineStats, PrefillOutput
 from kvrelay.workers.errors import EngineError, ExportFull
+from kvrelay.workers.prefill_queue import schedule_of
 from kvrelay.workers.sim.blocks import BlockManager, BlocksFull
 from kvrelay.workers.sim.cost import CostModel
 from kvrelay.workers.sim.region import SimRegion, kv_pages, sim_layout
+from kvrelay.workers.sim.turns import Turns
 
 log = get_logger(__name__)
 
@@ -146,6 +150,9 @@ class SimPrefillEngine(SimEngineBase):
         self.leases = LeaseTable(max(1, (prefill_cfg.export_mb << 20) // block_bytes), on_free=self._freed)
         self.region: SimRegion | None = None
         self._compute = asyncio.Lock()  # one prompt at a time, first come first served
+        # or one chunk at a time, shortest first (prefill.long_prompt_step_tokens)
+        self.step_tokens = prefill_cfg.long_prompt_step_tokens
+        self._turns = Turns(schedule_of(prefill_cfg))
         self._aborts: dict[str, asyncio.Event] = {}
         self._waiting = 0
         self._next_ticket = 1
@@ -171,15 +178,18 @@ class SimPrefillEngine(SimEngineBase):
         abort = self._aborts[rid] = asyncio.Event()
         try:
             hashes = self.hashes(prompt, task.tenant)
-            self._waiting += 1
-            try:
-                await self._compute.acquire()
-            finally:
-                self._waiting -= 1
-            try:
-                cached, seconds, aborted = await self._compute_prompt(rid, prompt, hashes, abort)
-            finally:
-                self._compute.release()
+            if self.step_tokens:
+                cached, seconds, aborted = await self._compute_chunked(rid, prompt, hashes, abort)
+            else:
+                self._waiting += 1
+                try:
+                    await self._compute.acquire()
+                finally:
+                    self._waiting -= 1
+                try:
+                    cached, seconds, aborted = await self._compute_prompt(rid, prompt, hashes, abort)
+                finally:
+                    self._compute.release()
             if aborted:
                 return PrefillOutput(first_token_id=0, text="", finish_reason="abort", kv=None)
             first = sim_tokens(prompt, 1)[0]
@@ -208,6 +218,39 @@ class SimPrefillEngine(SimEngineBase):
         finally:
             self.blocks.free(rid)  # the blocks stay cached (evictable) for the next request
         return cached, seconds, aborted
+
+    async def _compute_chunked(self, rid: str, prompt: list[int], hashes: list[int],
+                               abort: asyncio.Event) -> tuple[int, float, bool]:
+        """``_compute_prompt`` a chunk of ``step_tokens`` per turn; blocks are held from the first turn."""
+        await self._turn(len(prompt))
+        try:
+            cached = self.blocks.allocate(rid, hashes, len(prompt))
+        except BlocksFull as exc:
+            self._turns.release()
+            raise ExportFull(f"KV cache full: {exc}") from exc
+        done, seconds = cached, 0.0
+        try:
+            while True:
+                n = min(self.step_tokens, len(prompt) - done)
+                try:
+                    chunk = self.cost.prefill_s(n, done)
+                    if await self._sleep(chunk, abort):
+                        return cached, seconds, True
+                finally:
+                    self._turns.release()
+                done, seconds = done + n, seconds + chunk
+                if done >= len(prompt):
+                    return cached, seconds, False
+                await self._turn(len(prompt) - done)
+        finally:
+            self.blocks.free(rid)  # the blocks stay cached (evictable) for the next request
+
+    async def _turn(self, work: int) -> None:
+        self._waiting += 1
+        try:
+            await self._turns.acquire(work)
+        finally:
+            self._waiting -= 1
 
     def _export(self, prompt: list[int], tenant: str) -> KVDescriptor:
         """Write the prompt's KV pages to the region under a new leased ticket."""
@@ -244,7 +287,7 @@ class SimPrefillEngine(SimEngineBase):
     def stats(self) -> EngineStats:
         c = self.blocks.counters
         return EngineStats(
-            running=int(self._compute.locked()), waiting=self._waiting,
+            running=int(self._compute.locked() or self._turns.locked()), waiting=self._waiting,
             free_kv_blocks=self.blocks.free_blocks,
             exported_blocks=self.leases.used_blocks, export_free_blocks=self.leases.free_blocks,
             kv_bytes_moved=self.kv_bytes_exported,

@@ -41,6 +41,7 @@ from kvrelay.transport.kv.region import layout_fingerprint
 from kvrelay.workers.config import DecodeConfig, EngineConfig
 from kvrelay.workers.engine import EngineInfo, EngineStats, TokenDelta
 from kvrelay.workers.errors import EngineError
+from kvrelay.workers.local_budget import engine_chunk_tokens
 from kvrelay.workers.metrics import KV_PINS
 from kvrelay.workers.vllm_engine.vllm_events import KvEventsMixin, cache_salt
 from kvrelay.workers.vllm_engine.params import ADVANCE_KEY, IMPORT_KEY, PIN_KEY, ConnectorConfig, Notice
@@ -83,7 +84,7 @@ class VllmDecodeEngine(KvEventsMixin):
                                pin_budget=decode.kv_pin_budget, pin_max_sessions=decode.kv_pin_max_sessions,
                                pin_max_ttl_ms=int(decode.kv_pin_max_ttl_s * 1000))
         self._rt = VllmRuntime(engine, cache.block_size, conn, self._on_notice,
-                               chunk_tokens=decode.prefill_chunk_tokens)
+                               chunk_tokens=engine_chunk_tokens(decode, engine.max_num_seqs))
         self.info = EngineInfo(
             model=engine.served_model_name or engine.model,
             block_size=cache.block_size,
