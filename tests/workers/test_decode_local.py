@@ -206,7 +206,7 @@ async def test_stream_local_budget_refuses_what_would_break_the_itl_target_until
         mostly_out = await Collector.open(bus, mostly.stream_subject, TokenChunk)
         assert (await _offer(bus, mostly)).accepted
         for rid in ("big-cached", "hold"):
-            await bus.publish(bus.subjects.cancel(rid), Cancel(request_id=rid))
+            await bus.publish(bus.subjects.cancel("t", rid), Cancel(request_id=rid))
         # a request's tokens come back before its last chunk goes out (at its first delta)
         assert (await held.until_final())[-1].finish_reason == "abort"
         assert (await mostly_out.until_final())[-1].finish_reason == "abort"
