@@ -211,6 +211,6 @@ async def test_stream_local_budget_refuses_what_would_break_the_itl_target_until
         assert (await held.until_final())[-1].finish_reason == "abort"
         assert (await mostly_out.until_final())[-1].finish_reason == "abort"
         assert (await _offer(bus, big.replace(request_id="big-again"))).accepted
-        await bus.publish(bus.subjects.cancel("big-again"), Cancel(request_id="big-again"))
+        await bus.publish(bus.subjects.cancel("t", "big-again"), Cancel(request_id="big-again"))
     finally:
         await svc.close()
