@@ -116,6 +116,8 @@ class ChatFeatures:
         from kvrelay.router.chat_vllm import make_plan
 
         plan = make_plan(body, self._parser_cls, self.tokenizer, bool(self.tool_parser))
+        if self.cfg.exclude_tools_when_tool_choice_none and plan.request.tool_choice == "none":
+            plan.tools = None
         if self.cfg.compact_json and plan.structured is not None:
             plan.structured = compact(plan.structured)
         return plan

@@ -61,8 +61,6 @@ def make_plan(body: dict[str, Any], parser_cls: Any, tokenizer: Any, auto_tools:
     except (VLLMValidationError, ValueError) as exc:
         raise BadRequest(f"response_format: {exc}", param="response_format") from exc
     tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
-    if choice == "none":
-        tools = None  # vLLM's --exclude-tools-when-tool-choice-none: the model is not shown them
     return ChatPlan(request, parser, auto_tools, structured_spec(params), bool(request.skip_special_tokens),
                     tools)
 

@@ -30,6 +30,10 @@ class ChatConfig(Struct):
     # and tool-call arguments (at most one blank in a row): a small model at a high temperature cannot
     # then spend its tokens on blanks
     compact_json: bool = False
+    # vLLM's --exclude-tools-when-tool-choice-none: with tool_choice "none" the template is not given the
+    # tools. Off (vLLM's default): an agent's final answer then shares its prompt prefix (the tools
+    # are in the system turn) with its tool-calling steps, a prefix-cache hit
+    exclude_tools_when_tool_choice_none: bool = False
 
 
 @typed

@@ -118,9 +118,9 @@ async def test_chat_features_compact_json_disables_free_whitespace(smol: RouterT
     assert forced.structured.disable_any_whitespace is False  # the tools' tag is left as vLLM made it
 
 
-def test_make_plan_tool_choice_none_hides_the_tools(hermes: ChatFeatures) -> None:
+def test_make_plan_tool_choice_none_shows_the_tools_but_parses_no_call(hermes: ChatFeatures) -> None:
     plan = plan_of(hermes, TOOL_CHAT | {"tool_choice": "none"})
-    assert plan.tools is None and plan.structured is None
+    assert plan.tools is not None and plan.structured is None  # as vLLM: the prompt keeps its prefix
     message, reason = plan.full("Let me check." + CALL_W, [], "stop")
     assert "tool_calls" not in message and reason == "stop"
 
@@ -166,7 +166,7 @@ async def test_make_plan_tools_without_a_tool_parser_are_a_400(smol: RouterToken
         await features.plan(CHAT | extra)
     assert (err.value.status, err.value.param) == (400, param) and words in err.value.message
     plan = await features.plan(CHAT | {"tools": TOOLS, "tool_choice": "none"})  # nothing to parse: fine
-    assert plan.tools is None and plan.parser is None
+    assert plan.parser is None
     assert plan.full("hi", [], "stop") == ({"role": "assistant", "content": "hi"}, "stop")
     assert (await features.plan(CHAT | {"response_format": {"type": "json_object"}})).structured.json_object
 
@@ -236,3 +236,9 @@ def test_make_plan_gpt_oss_constraints_are_harmony_structural_tags(smol: RouterT
     begins = list(_values(tag, "begin"))
     assert "<|channel|>analysis<|message|>" in begins
     assert any(b.startswith(begin) for b in begins)
+
+
+async def test_chat_features_can_exclude_tools_when_tool_choice_is_none(smol: RouterTokenizer) -> None:
+    features = loaded(smol.hf, "hermes", exclude_tools_when_tool_choice_none=True)
+    assert (await features.plan(TOOL_CHAT | {"tool_choice": "none"})).tools is None
+    assert (await features.plan(TOOL_CHAT | {"tool_choice": "auto"})).tools is not None
