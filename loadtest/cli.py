@@ -21,6 +21,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "steps": ("kvrelay.loadtest.bench_steps", "engine decode-step and prefill times per dtype on this CPU (which dtype to serve)"),
     "kernels": ("kvrelay.loadtest.bench_kernels", "KV block gather/scatter kernels vs a memcpy"),
     "codec": ("kvrelay.loadtest.bench_codec", "bus message pack/unpack per message type (envelope + validation)"),
+    "tenants": ("kvrelay.loadtest.bench_tenants", "fair vs fifo admission under a flooding tenant (sim engine): light TTFT, token shares"),
 }
 
 

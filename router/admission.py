@@ -1,25 +1,31 @@
-"""Admission that waits: a request no prefill worker can take yet queues here, FIFO, instead of a 429.
+"""Admission that waits: a request no prefill worker can take yet queues here instead of a 429.
 
 ``Admission.place(flight, attempt)`` runs ``attempt`` (``Flight.dispatch``). When every worker
 refuses it (``Overloaded``), the request joins this router's queue (``router.max_waiting``; full:
 429 with ``Retry-After`` estimated from the queue's recent drain rate, 1 to 30 s) and waits
 until a worker has room or its first-token deadline passes (504). A request that arrives while
-others wait joins behind them without trying: the order is first come, first served, for HTTP
-and NATS clients alike.
+others wait joins them without trying, for HTTP and NATS clients alike. The order
+(``router.admission_order``): "fair" (the default), weighted fair sharing of tokens between
+tenants (router/fair_queue.py: each tenant's placed prompt + max_tokens over its weight, refunded
+at the end for what it did not produce; a tenant below its weighted share of a full queue pushes
+out the newest waiter of the one most above it, which gets the 429); or "fifo", first come,
+first served.
 
 Waiting is cheap: only the head of the queue tries again, and only when capacity may have
 appeared (``wake``: a flight's prefill finished or the flight closed, a prefill worker's
 discovery record shows room: ``room_may_have_appeared``), at most every ``MIN_GAP_S``; without
 such a signal it tries again after a back-off that doubles from ``BACKOFF_MIN_S`` up to
 ``router.admission_max_backoff_s`` (capacity freed by other routers is only seen that way). A
-placed head wakes the next. A waiter that is cancelled (client gone, ``Cancel`` on the bus) or
+placed head wakes the next; so does any change of head (fair order: a join, a charge, a refund).
+A waiter that is cancelled (client gone, ``Cancel`` on the bus) or
 whose deadline passes leaves at once, freeing its place; if it was the head the next is woken.
 
 A request that a worker may hold (it did not answer in time: ``flight.maybe_taken``) is never
 retried here: it fails with the worker's 429, as before, so it cannot run twice.
 
-``AdmissionQueue`` is the pure, synchronous part (order, bound, drain rate); ``Admission`` adds
-the waiting. Waiting requests hold their ``router.max_inflight`` slot (see ``Dispatcher.open``).
+``AdmissionQueue`` is the pure, synchronous part (bound, drain rate, and its order: ``FifoOrder``
+or ``FairOrder``); ``Admission`` adds the waiting. Waiting requests hold their
+``router.max_inflight`` slot (see ``Dispatcher.open``).
 """
 
 from __future__ import annotations
@@ -27,14 +33,15 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from kvrelay.base.logs import get_logger
 from kvrelay.base.tasks import wait_event
 from kvrelay.router.config import RouterConfig
 from kvrelay.router.errors import Cancelled, DeadlineExceeded, NoWorkersAvailable, Overloaded
+from kvrelay.router.fair_queue import FairOrder, FifoOrder, Order
 from kvrelay.router.metrics import RouterMetrics
 from kvrelay.schemas.messages import WorkerInfo
 
@@ -55,46 +62,62 @@ class QueueFull(Exception):
 
 
 class AdmissionQueue:
-    """The waiting requests in arrival order, bounded by ``capacity``, and when recent ones were
-    placed (the drain rate). Pure and synchronous."""
+    """The waiting requests in ``order`` (default FIFO), bounded by ``capacity``, and when recent ones
+    were placed (the drain rate). Pure and synchronous."""
 
-    def __init__(self, capacity: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, capacity: int, clock: Callable[[], float] = time.monotonic,
+                 order: Order | None = None) -> None:
         self.capacity, self.clock = capacity, clock
-        self._order: OrderedDict[str, float] = OrderedDict()  # key -> when it joined
+        self.order: Order = order if order is not None else FifoOrder()
+        self._joined: dict[str, float] = {}  # key -> when it joined
         self._placed: deque[float] = deque(maxlen=DRAIN_SAMPLES)
 
     def __len__(self) -> int:
-        return len(self._order)
+        return len(self._joined)
 
     def __contains__(self, key: str) -> bool:
-        return key in self._order
+        return key in self._joined
 
-    def join(self, key: str) -> None:
-        if key in self._order:
-            return
-        if len(self._order) >= self.capacity:
-            raise QueueFull(f"{self.capacity} requests are waiting already")
-        self._order[key] = self.clock()
+    def join(self, key: str, tenant: str = "") -> str | None:
+        """``key`` (of ``tenant``) waits; the waiter it pushed out of a full queue, if any (fair order).
+        Raises QueueFull when the queue is full and nobody is pushed out."""
+        if key in self._joined:
+            return None
+        pushed = None
+        if len(self._joined) >= self.capacity:
+            pushed = self.order.victim(tenant) if self.capacity else None
+            if pushed is None:
+                raise QueueFull(f"{self.capacity} requests are waiting already")
+            self.leave(pushed, placed=False)
+        self._joined[key] = self.clock()
+        self.order.add(key, tenant)
+        return pushed
 
     def head(self) -> str | None:
-        return next(iter(self._order), None)
+        return self.order.head()
 
     def position(self, key: str) -> int:
-        """0 for the head; -1 when ``key`` is not waiting."""
-        for i, k in enumerate(self._order):
-            if k == key:
-                return i
-        return -1
+        """0 for the head; -1 when ``key`` is not waiting (fair order: see ``FairOrder.position``)."""
+        return self.order.position(key)
 
     def leave(self, key: str, placed: bool) -> float | None:
         """``key`` was placed on a worker (``placed``) or gave up; how long it waited (None: not here)."""
-        joined = self._order.pop(key, None)
+        joined = self._joined.pop(key, None)
         if joined is None:
             return None
+        self.order.remove(key)
         now = self.clock()
         if placed:
             self._placed.append(now)
         return now - joined
+
+    def charge(self, tenant: str, tokens: int) -> None:
+        """A request of ``tenant`` was placed, charged ``tokens`` (prompt + max_tokens)."""
+        self.order.charge(tenant, tokens)
+
+    def refund(self, tenant: str, tokens: int) -> None:
+        """A placed request of ``tenant`` ended ``tokens`` short of what it was charged."""
+        self.order.refund(tenant, tokens)
 
     def drain_rate(self) -> float | None:
         """Placements per second over the recent ones; None without two of them in the window."""
@@ -110,8 +133,8 @@ class AdmissionQueue:
         in [RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S]; the maximum while a queue waits and nothing drained."""
         rate = self.drain_rate()
         if rate is None:
-            return RETRY_AFTER_MAX_S if self._order else RETRY_AFTER_MIN_S
-        return min(RETRY_AFTER_MAX_S, max(RETRY_AFTER_MIN_S, math.ceil((len(self._order) + 1) / rate)))
+            return RETRY_AFTER_MAX_S if self._joined else RETRY_AFTER_MIN_S
+        return min(RETRY_AFTER_MAX_S, max(RETRY_AFTER_MIN_S, math.ceil((len(self._joined) + 1) / rate)))
 
 
 def room_may_have_appeared(old: WorkerInfo | None, new: WorkerInfo | None) -> bool:
@@ -123,12 +146,31 @@ def room_may_have_appeared(old: WorkerInfo | None, new: WorkerInfo | None) -> bo
             or new.active < old.active)
 
 
-class _Ticket:
-    __slots__ = ("key", "event", "last_try", "backoff", "signalled", "cancel_reason", "joined")
+class TenantBook(Protocol):
+    """What admission needs of the tenants (``router.tenants.Tenants``): weights and metric labels."""
 
-    def __init__(self, key: str, last_try: float, joined: float) -> None:
-        self.key, self.event, self.last_try, self.joined = key, asyncio.Event(), last_try, joined
-        self.backoff, self.signalled, self.cancel_reason = BACKOFF_MIN_S, False, ""
+    def weight(self, tenant: str) -> float: ...
+    def label(self, tenant: str) -> str: ...
+
+
+class OpenTenants:
+    """No tenants file: every tenant weighs 1 and is labelled "open" in metrics."""
+
+    def weight(self, tenant: str) -> float:
+        return 1.0
+
+    def label(self, tenant: str) -> str:
+        return "open"
+
+
+class _Ticket:
+    __slots__ = ("key", "tenant", "event", "last_try", "backoff", "signalled", "cancel_reason", "joined",
+                 "pushed_out")
+
+    def __init__(self, key: str, tenant: str, last_try: float, joined: float) -> None:
+        self.key, self.tenant, self.last_try, self.joined = key, tenant, last_try, joined
+        self.event = asyncio.Event()
+        self.backoff, self.signalled, self.cancel_reason, self.pushed_out = BACKOFF_MIN_S, False, "", False
 
     def refused(self, now: float, max_backoff: float) -> None:
         self.last_try, self.backoff = now, min(max_backoff, self.backoff * 2)
@@ -146,9 +188,12 @@ class Admission:
     """This router's admission queue (see module doc): ``place`` a flight, ``wake`` on capacity,
     ``cancel`` a waiter on a bus Cancel, ``on_worker`` for discovery changes."""
 
-    def __init__(self, cfg: RouterConfig, metrics: RouterMetrics, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, cfg: RouterConfig, metrics: RouterMetrics, clock: Callable[[], float] = time.monotonic,
+                 tenants: TenantBook | None = None) -> None:
         self.cfg, self.metrics, self.clock = cfg, metrics, clock
-        self.queue = AdmissionQueue(cfg.max_waiting, clock)
+        self.tenants: TenantBook = tenants if tenants is not None else OpenTenants()
+        order = FairOrder(self.tenants.weight) if cfg.admission_order == "fair" else FifoOrder()
+        self.queue = AdmissionQueue(cfg.max_waiting, clock, order)
         self._tickets: dict[str, _Ticket] = {}
 
     def __len__(self) -> int:
@@ -171,7 +216,9 @@ class Admission:
         no_worker: NoWorkersAvailable | None = None
         if not self.queue:
             try:
-                return await attempt()
+                worker = await attempt()
+                self._charge(flight)
+                return worker
             except Overloaded as exc:
                 if flight.maybe_taken or self.cfg.max_waiting == 0:
                     raise self.overloaded(exc.message, "refused") from exc
@@ -182,7 +229,7 @@ class Admission:
             last_try = self.clock()
         else:
             last_try = -math.inf  # others wait: join behind them without trying
-        ticket = self._join(flight.request_id, last_try)
+        ticket = self._join(flight, last_try)
         return await self._queued(flight, attempt, ticket, no_worker, max_wait_s)
 
     async def _queued(self, flight: Flight, attempt: Callable[[], Awaitable[str]], ticket: _Ticket,
@@ -212,6 +259,7 @@ class Admission:
                     ticket.refused(self.clock(), self.cfg.admission_max_backoff_s)
                     continue
                 placed = True
+                self._charge(flight)
                 return worker
         except _WaitOver:
             raise self.overloaded(f"no prefill worker had room within {max_wait_s:g} s", "wait_bound") from None
@@ -222,25 +270,60 @@ class Admission:
         """While no prefill worker is live, a request waits at most ``router.no_worker_wait_s``."""
         return deadline if no_worker is None else min(deadline, t.joined + self.cfg.no_worker_wait_s)
 
-    def _join(self, key: str, last_try: float) -> _Ticket:
+    def _join(self, flight: Flight, last_try: float) -> _Ticket:
+        key, before = flight.request_id, self.queue.head()
         try:
-            self.queue.join(key)
+            pushed = self.queue.join(key, flight.tenant)
         except QueueFull:
             raise self.overloaded(f"all prefill workers are busy and the router's admission queue is full "
                                   f"({self.cfg.max_waiting} requests waiting); retry later", "queue_full") from None
-        ticket = self._tickets[key] = _Ticket(key, last_try, self.clock())
+        ticket = self._tickets[key] = _Ticket(key, flight.tenant, last_try, self.clock())
+        if pushed is not None:
+            self._push_out(self._tickets.pop(pushed))
         self.metrics.admission_waiting.set(len(self.queue))
+        self._rehead(before)
         return ticket
 
+    def _push_out(self, ticket: _Ticket) -> None:
+        """``ticket`` lost its place in the full queue to a tenant below its share: it gets a 429."""
+        ticket.pushed_out = True
+        ticket.event.set()
+        self._observe(ticket, self.clock() - ticket.joined)
+
     def _leave(self, ticket: _Ticket, placed: bool) -> None:
-        was_head = self.queue.head() == ticket.key
+        before = self.queue.head()
         waited = self.queue.leave(ticket.key, placed)
-        self._tickets.pop(ticket.key, None)
+        if self._tickets.get(ticket.key) is ticket:
+            del self._tickets[ticket.key]
         self.metrics.admission_waiting.set(len(self.queue))
         if waited is not None:
-            self.metrics.admission_wait.observe(waited)
-        if was_head:
-            self.wake()  # the next in line tries at once
+            self._observe(ticket, waited)
+        self._rehead(before)  # a new head (the next in line) tries at once
+
+    def _observe(self, ticket: _Ticket, waited: float) -> None:
+        self.metrics.admission_wait.observe(waited)
+        self.metrics.tenant_admission_wait.labels(self.tenants.label(ticket.tenant)).observe(waited)
+
+    def _rehead(self, before: str | None) -> None:
+        """Wake the head if it changed (it may be a waiter that was told to wait)."""
+        head = self.queue.head()
+        if head is not None and head != before:
+            self._tickets[head].wake()
+
+    def _charge(self, flight: Flight) -> None:
+        """``flight`` was placed: its tenant is charged prompt + max_tokens (fair order)."""
+        before = self.queue.head()
+        self.queue.charge(flight.tenant, flight.prompt_tokens + flight.max_tokens)
+        flight.charged_output = flight.max_tokens
+        self._rehead(before)
+
+    def settle(self, flight: Flight) -> None:
+        """``flight`` ended (``Dispatcher._closed``): refund the output tokens charged and not produced."""
+        unused, flight.charged_output = flight.charged_output - flight.output_tokens, 0
+        if unused > 0:
+            before = self.queue.head()
+            self.queue.refund(flight.tenant, unused)
+            self._rehead(before)
 
     async def _turn(self, t: _Ticket, deadline: float, until: float) -> None:
         """Until ``t`` is the head and may try again: signalled (and ``MIN_GAP_S`` after its last
@@ -248,6 +331,10 @@ class Admission:
         while True:
             if t.cancel_reason:
                 raise Cancelled(f"the request was cancelled while waiting for a prefill worker: {t.cancel_reason}")
+            if t.pushed_out:
+                raise self.overloaded(f"all prefill workers are busy and the router's admission queue is "
+                                      f"full ({self.cfg.max_waiting} requests waiting): this request gave its "
+                                      f"place to a tenant below its share of the queue; retry later", "pushed_out")
             now = self.clock()
             if now >= deadline:
                 self.metrics.admission_rejections.labels("deadline").inc()

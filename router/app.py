@@ -110,7 +110,12 @@ class Router:
             membership = IndexMembership(self.directory, self.kv_events, self.cfg.bus.heartbeat_s)
             self.metrics.registry.register(MembershipCollector(membership))
             self.tasks.append(asyncio.create_task(membership.run(), name="kv-membership"))
-        self.dispatcher = Dispatcher(self.bus, self.directory, self.policy, rc, self.metrics, self.id, self.hasher)
+        try:
+            self.tenants = Tenants(rc.tenants_file)
+        except TenantsError as exc:
+            raise RouterStartError(str(exc)) from exc
+        self.dispatcher = Dispatcher(self.bus, self.directory, self.policy, rc, self.metrics, self.id,
+                                     self.hasher, self.tenants)
         await self.dispatcher.start()
         self.directory.listeners.append(self.dispatcher.admission.on_worker)
         watch = FlightWatch(self.dispatcher, rc.watch_interval_s, rc.stream_stall_timeout_s)
@@ -121,10 +126,6 @@ class Router:
             self.shared_inflight = SharedInflight(self.bus, self.dispatcher.table, self.id,
                                                   rc.request_timeout_s)
             await self.shared_inflight.start()
-        try:
-            self.tenants = Tenants(rc.tenants_file)
-        except TenantsError as exc:
-            raise RouterStartError(str(exc)) from exc
         if self.tenants.enabled:
             self.tasks.append(asyncio.create_task(self.tenants.watch(), name="tenants-watch"))
         elif rc.http_host not in ("127.0.0.1", "localhost", "::1"):

@@ -51,9 +51,12 @@ class RouterConfig(Struct):
     # requests held by this router, from arrival to the last token, those waiting for a worker
     # included; past it new requests get 429
     max_inflight: int = limit(1024, min=1)
-    # requests waiting for a prefill worker with room (router/admission.py), FIFO until their
-    # first-token deadline (then 504); past it 429. 0: no waiting, a request every worker refuses gets 429
+    # requests waiting for a prefill worker with room (router/admission.py) until their first-token
+    # deadline (then 504); past it 429. 0: no waiting, a request every worker refuses gets 429
     max_waiting: int = limit(512, min=0)
+    # the order they are placed in: "fair", weighted fair sharing of tokens between tenants (VTC,
+    # router/fair_queue.py; weights from the tenants file, 1 without); "fifo", first come first served
+    admission_order: Literal["fair", "fifo"] = "fair"
     # without a capacity signal the head of that queue retries after a back-off doubling up to this
     admission_max_backoff_s: float = limit(1.0, min=0.01, max=60.0)
     max_prompt_tokens: int = limit(32768, min=1)

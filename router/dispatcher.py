@@ -33,7 +33,7 @@ from nats.aio.subscription import Subscription
 
 from kvrelay.base.logs import get_logger
 from kvrelay.base.tasks import reraise_swallowed_cancel, wait_event
-from kvrelay.router.admission import Admission
+from kvrelay.router.admission import Admission, TenantBook
 from kvrelay.router.config import RouterConfig
 from kvrelay.router.errors import (
     BadRequest,
@@ -68,13 +68,14 @@ class Dispatcher:
     the flights; ``start``/``stop`` its Cancel subscription."""
 
     def __init__(self, bus: Bus, directory: Directory, policy: Policy, cfg: RouterConfig,
-                 metrics: RouterMetrics, router_id: str, hasher: Hasher | None = None) -> None:
+                 metrics: RouterMetrics, router_id: str, hasher: Hasher | None = None,
+                 tenants: TenantBook | None = None) -> None:
         self.bus, self.directory, self.policy, self.cfg = bus, directory, policy, cfg
         self.metrics, self.router_id, self.hasher = metrics, router_id, hasher
         self.table = LoadLedger(cfg.max_inflight)
         policy.bind(self.table)
         self.local = LocalRouting(cfg, metrics.registry)
-        self.admission = Admission(cfg, metrics)
+        self.admission = Admission(cfg, metrics, tenants=tenants)
         self.flights: dict[str, Flight] = {}
         self._cancel_sub: Subscription | None = None
 
@@ -124,6 +125,7 @@ class Dispatcher:
         self.flights.pop(flight.request_id, None)
         self.table.release(flight.request_id)
         self.metrics.inflight.set(len(self.table))
+        self.admission.settle(flight)
         self.admission.wake()
 
     async def _on_cancel(self, msg: Msg) -> None:
@@ -149,6 +151,9 @@ class Flight:
         self.worker = ""
         self.local = False  # the worker is a decode worker prefilling locally
         self.prompt_tokens = 0
+        self.max_tokens = 0  # asked, as dispatched
+        self.output_tokens = 0  # received in chunks read (next_chunk)
+        self.charged_output = 0  # output tokens charged to its tenant (fair order), refunded at close
         self.session_id = ""
         self._prompt: list[int] = []
         self._hashes: Sequence[int] | None = None
@@ -193,6 +198,7 @@ class Flight:
         if self.remaining() <= 0:
             raise DeadlineExceeded("the request's deadline passed before it was dispatched")
         self.prompt_tokens, self._prompt, self.session_id = len(token_ids), token_ids, session_id
+        self.max_tokens = sampling.max_tokens
         if self._sub is None:  # dispatched again after waiting its turn
             self._sub = await d.bus.subscribe(stream_subject, self._on_chunk)
         hashes = d.hasher(token_ids, self.tenant) if d.hasher and needs_hashes(d.policy) else None
@@ -362,6 +368,7 @@ class Flight:
         else:
             d.metrics.inter_token.observe(now - self._last_chunk_at)
         self._last_chunk_at = now
+        self.output_tokens += len(chunk.token_ids)
         if self.session_id:
             self._output.extend(chunk.token_ids)
         if chunk.finish_reason is None:

@@ -35,7 +35,8 @@ class RouterMetrics:
                                         "Time spent in the admission queue (placed, timed out or gone)",
                                         buckets=_LATENCY_BUCKETS, registry=r)
         self.admission_rejections = Counter("kvrelay_router_admission_rejections_total",
-                                            "Requests turned away by admission: queue_full, max_inflight, refused "
+                                            "Requests turned away by admission: queue_full, pushed_out (its "
+                                            "place given to a tenant below its share), max_inflight, refused "
                                             "(no waiting), deadline, wait_bound (NATS: back to the stream)",
                                             ["reason"], registry=r)
         self.intake_invalid = Counter("kvrelay_router_intake_invalid_total",
@@ -50,6 +51,9 @@ class RouterMetrics:
         self.tenant_requests = Counter("kvrelay_router_tenant_requests_total",
                                        "Requests by tenant and outcome (quota rejections included)",
                                        ["tenant", "outcome"], registry=r)
+        self.tenant_admission_wait = Histogram("kvrelay_router_tenant_admission_wait_seconds",
+                                               "Time spent in the admission queue, by tenant",
+                                               ["tenant"], buckets=_LATENCY_BUCKETS, registry=r)
         self.tenant_tokens = Counter("kvrelay_router_tenant_tokens_total",
                                      "Tokens admitted by tenant: prompt, and max_tokens asked",
                                      ["tenant", "kind"], registry=r)

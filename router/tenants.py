@@ -65,6 +65,15 @@ class Tenants:
         log.info("tenants_reloaded", tenants=len(self.config.tenants))
         return True
 
+    def weight(self, name: str) -> float:
+        """``name``'s share of contested capacity (router/fair_queue.py): its ``weight``, 1 when unknown."""
+        spec = self.config.get(name) if self.config is not None else None
+        return spec.weight if spec is not None else 1.0
+
+    def label(self, name: str) -> str:
+        """The metrics label of ``name``: a configured tenant's name, else "open" (bounded by the config)."""
+        return name if self.config is not None and self.config.get(name) is not None else "open"
+
     async def watch(self) -> None:
         """Re-read the file when it changes, until cancelled."""
         while True:

@@ -84,10 +84,13 @@ def test_admission_room_may_have_appeared_on_a_new_undrained_or_lighter_prefill_
 
 
 class Flight:
-    def __init__(self, rid: str, budget_s: float = 60.0) -> None:
-        self.request_id, self.maybe_taken = rid, False
+    def __init__(self, rid: str, budget_s: float = 60.0, tenant: str = "default", prompt_tokens: int = 0,
+                 max_tokens: int = 0) -> None:
+        self.request_id, self.maybe_taken, self.tenant = rid, False, tenant
         self.started = time.monotonic()  # the admission clock
         self.deadline = self.started + budget_s
+        self.prompt_tokens, self.max_tokens = prompt_tokens, max_tokens
+        self.output_tokens = self.charged_output = 0
 
 
 class Workers:

@@ -86,3 +86,28 @@ async def test_admission_http_disconnected_waiter_frees_its_place_and_the_next_i
     assert (await held)[0] == 200 and (await served)[0] == 200
     assert len(worker.accepted) == 2  # the one that left never ran
     await cluster.wait_until(lambda: len(router.dispatcher.table) == 0, what="all slots freed")
+
+
+async def _post_as(url: str, tenant: str) -> int:
+    async with aiohttp.ClientSession() as s, s.post(url + "/v1/chat/completions", data=json.dumps(CHAT),
+                                                    headers={"X-Kvrelay-Tenant": tenant}) as r:
+        await r.read()
+        return r.status
+
+
+async def test_admission_http_fair_order_places_a_light_tenant_before_a_flood(cluster: Cluster) -> None:
+    router, worker = await _ready(cluster, admission_max_backoff_s=30.0)
+    held = asyncio.create_task(_post_as(router.url, "flood"))
+    await cluster.wait_until(lambda: len(worker.accepted) == 1, what="one held")
+    flood = []
+    for n in range(1, 4):
+        flood.append(asyncio.create_task(_post_as(router.url, "flood")))
+        await cluster.wait_until(lambda n=n: _waiting(router) == n, what=f"{n} flood waiters")
+    light = asyncio.create_task(_post_as(router.url, "light"))
+    await cluster.wait_until(lambda: _waiting(router) == 4, what="the light waiter")
+    worker.release.set()
+    assert await asyncio.gather(held, *flood, light) == [200] * 5
+    tenant = {t.request_id: t.tenant for t in worker.tasks}
+    assert [tenant[r] for r in worker.accepted] == ["flood", "light", "flood", "flood", "flood"]
+    wait = router.metrics.registry.get_sample_value
+    assert wait("kvrelay_router_tenant_admission_wait_seconds_count", {"tenant": "open"}) == 4

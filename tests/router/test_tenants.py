@@ -43,6 +43,14 @@ def test_tenants_subject_tenant_must_be_configured(tmp_path) -> None:
         t.from_subject("z")
 
 
+def test_tenants_weights_and_metric_labels_for_fair_admission(tmp_path) -> None:
+    t = Tenants(_file(tmp_path, [{"name": "a", "weight": 2.5}, {"name": "b"}]))
+    assert [t.weight("a"), t.weight("b"), t.weight("zz")] == [2.5, 1.0, 1.0]
+    assert [t.label("a"), t.label("zz")] == ["a", "open"]  # labels bounded by the config
+    open_ = Tenants("")
+    assert open_.weight("anyone") == 1.0 and open_.label("anyone") == "open"
+
+
 def test_tenants_reload_takes_a_changed_file_and_keeps_the_last_good_one(tmp_path) -> None:
     path = _file(tmp_path, [{"name": "a", "api_keys": [hash_api_key("ka")]}])
     t = Tenants(path)
