@@ -86,7 +86,7 @@ async def test_auth_tenant_cannot_publish_outside_its_space(alice: Client, subje
 
 async def test_auth_tenant_receives_its_own_stream_and_not_anothers(alice: Client, service: nats.NATS) -> None:
     mine = await alice.nc.subscribe(f"{S.client('alice')}.>")
-    await alice.nc.flush()
+    await alice.nc.flush()  # the subscription is on the server before the service publishes
     await service.publish(f"{S.client('bob')}.out", b"for bob")
     await service.publish(f"{S.client('alice')}.out", b"for alice")
     msg = await mine.next_msg(timeout=10)
@@ -97,6 +97,7 @@ async def test_auth_tenant_receives_its_own_stream_and_not_anothers(alice: Clien
 async def test_auth_tenant_may_publish_its_requests_and_cancels_and_get_replies(alice: Client,
                                                                                  service: nats.NATS) -> None:
     got = await service.subscribe(f"{S.root}.>")
+    await service.flush()  # the subscription is on the server before alice publishes
     await alice.nc.publish(S.request("alice"), b"req")
     await alice.nc.publish(S.cancel("alice", "r1"), b"cancel")
     await alice.nc.flush()
@@ -106,7 +107,9 @@ async def test_auth_tenant_may_publish_its_requests_and_cancels_and_get_replies(
     async def ack(msg) -> None:
         await msg.respond(b"ack")
 
+    await got.unsubscribe()
     responder = await service.subscribe(S.request("alice"), cb=ack)
+    await service.flush()
     reply = await alice.nc.request(S.request("alice"), b"ping", timeout=10)
     assert reply.data == b"ack" and alice.errors.empty()
     await responder.unsubscribe()
