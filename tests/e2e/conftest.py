@@ -118,6 +118,9 @@ def tiny_deployment(tmp_path_factory) -> Deployment:
         tmp_path_factory.mktemp("run"), "tiny",
         ["--set", "router.max_inflight=10", "--set", "engine.dtype=\"float32\"",
          "--set", "engine.max_model_len=2048", "--set", "router.chat.compact_json=true",
+         # these tests check which path a request takes: the load-blind rule (the adaptive decider would
+         # prefill a short prompt on the idle decode worker; tests/router/test_pd_sim.py covers it)
+         "--set", 'router.pd_decider="threshold"',
          "--set", f"prefill.metrics_port={ports['prefill']}", "--set", f"decode.metrics_port={ports['decode']}"],
     )
     dep.metrics = {k: f"http://127.0.0.1:{p}/metrics" for k, p in ports.items()}

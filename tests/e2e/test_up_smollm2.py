@@ -142,7 +142,8 @@ SCHEMAS = [
      "properties": {"tags": {"type": "array", "maxItems": 3,
                              "items": {"type": "string", "enum": ["red", "green", "blue"]}}}},
     {"type": "object", "additionalProperties": False, "required": ["city", "temp"],
-     "properties": {"city": {"type": "string", "maxLength": 12}, "temp": {"type": "number"}}},
+     "properties": {"city": {"type": "string", "maxLength": 12},
+                    "temp": {"type": "integer", "minimum": -60, "maximum": 60}}},  # bounded: no endless digits
     {"type": "array", "minItems": 1, "maxItems": 4, "items": {"type": "integer", "minimum": -5, "maximum": 5}},
     {"type": "object", "additionalProperties": False, "required": ["ok", "why"],
      "properties": {"ok": {"type": "boolean"}, "why": {"type": "string", "enum": ["yes", "no", "maybe"]}}},

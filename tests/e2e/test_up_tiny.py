@@ -313,7 +313,7 @@ def test_up_tiny_runs_a_tool_loop_through_the_openai_client(tiny_deployment, str
 
     client = openai.OpenAI(base_url=f"{tiny_deployment.url}/v1", api_key="unused", timeout=300)
     messages = [{"role": "user", "content": "What is the capital of Italy?"}]
-    kw = dict(model="kvrelay-tiny", messages=messages, tools=[TOOL], max_tokens=48, temperature=1.0,
+    kw = dict(model="kvrelay-tiny", messages=messages, tools=[TOOL], max_tokens=128, temperature=1.0,
               tool_choice={"type": "function", "function": {"name": "lookup"}})
     if stream:
         pieces, finish = {}, None
