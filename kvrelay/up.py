@@ -24,6 +24,7 @@ from kvrelay.base import envs
 from kvrelay.base.tasks import cancel_and_wait
 from kvrelay.config import Config
 from kvrelay.supervisor import RestartPolicy, SuperviseConfig
+from kvrelay.router.tenants import RELOAD_S, Tenants
 from kvrelay.schemas.tenants import TenantsError, load_tenants
 from kvrelay.transport.auth import authorization, make_service_secrets
 from kvrelay.transport.auth import render as render_authorization
@@ -243,31 +244,23 @@ class BusAuth:
     in ``<run>/secrets``, mode 0600) and a user per tenant; re-generated when the file changes."""
 
     def __init__(self, cfg: Config, run_dir: Path) -> None:
-        self.path, self.subjects = cfg.router.tenants_file, Subjects(cfg.bus.namespace)
-        self.tenants = load_tenants(self.path)
+        self.subjects = Subjects(cfg.bus.namespace)
+        self.file = Tenants(cfg.router.tenants_file)  # the router's reader: same file, same reload rule
         self.secrets_dir = run_dir / "secrets"
         self.services = make_service_secrets(self.secrets_dir)
-        self._mtime = os.stat(self.path).st_mtime
 
     def render(self) -> str:
-        return render_authorization(authorization(self.tenants, self.subjects, self.services))
+        assert self.file.config is not None
+        return render_authorization(authorization(self.file.config, self.subjects, self.services))
 
-    async def watch(self, server: NatsServer, every_s: float = 2.0) -> None:
-        """Reload the server's users when the tenants file changes (an invalid file is reported, the
+    async def watch(self, server: NatsServer) -> None:
+        """Reload the server's users when the tenants file changes (an invalid file is logged, the
         last good one kept)."""
         while True:
-            await asyncio.sleep(every_s)
-            try:
-                mtime = os.stat(self.path).st_mtime
-                if mtime == self._mtime:
-                    continue
-                self._mtime = mtime
-                self.tenants = load_tenants(self.path)
-            except (OSError, TenantsError) as exc:
-                print(f"kvrelay: tenants file not reloaded: {exc}", file=sys.stderr, flush=True)
-                continue
-            server.reload(self.render())
-            print(f"kvrelay: tenants reloaded ({len(self.tenants.tenants)})", flush=True)
+            await asyncio.sleep(RELOAD_S)
+            if await asyncio.to_thread(self.file.reload):
+                server.reload(self.render())
+                print(f"kvrelay: tenants reloaded ({len(self.file.config.tenants)})", flush=True)
 
 
 def up(args: argparse.Namespace) -> int:
